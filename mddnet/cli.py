@@ -1,0 +1,62 @@
+"""The `mddnet` command line: the same functions the notebooks call, for users without notebooks.
+
+Each subcommand imports its module only when it runs, so `mddnet --help` stays fast and importing
+this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    from mddnet.config import config_to_dict, load_config
+
+    config = load_config(args.params, args.variant)
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mddnet",
+        description="MDD-Net: memory-augmented dual-decoder networks for multi-class "
+        "unsupervised anomaly detection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("show-config", help="print the validated params for a variant")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--variant", default=None, help="variant to apply (default: none)")
+    p.set_defaults(func=_show_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        # Errors of ours already name the file or key and the fix; a traceback adds nothing.
+        print(f"mddnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
