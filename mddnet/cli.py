@@ -26,6 +26,27 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_dataset(args: argparse.Namespace) -> int:
+    from mddnet.data.layout import DatasetError, scan_dataset, summarize, validate_dataset
+
+    samples = scan_dataset(args.root, args.classes)
+    problems = validate_dataset(samples)
+    if problems:
+        raise DatasetError(problems)  # main prints every problem and exits with 2
+    print(summarize(samples).to_string(index=False))
+    return 0
+
+
+def _convert_visa(args: argparse.Namespace) -> int:
+    from mddnet.data.layout import scan_dataset, summarize
+    from mddnet.data.visa import convert_visa
+
+    convert_visa(args.src, args.dst)
+    # Reading the result back proves the tree is in the layout the rest of mddnet reads.
+    print(summarize(scan_dataset(args.dst)).to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mddnet",
@@ -39,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--variant", default=None, help="variant to apply (default: none)")
     p.set_defaults(func=_show_config)
+
+    p = sub.add_parser("check-dataset", help="decode an MVTec-layout dataset and summarise it")
+    p.add_argument("root", help="dataset root: <root>/<class>/train/good, test/<type>, ...")
+    p.add_argument(
+        "--classes", nargs="+", default=(), metavar="CLASS", help="only these (default: all)"
+    )
+    p.set_defaults(func=_check_dataset)
+
+    p = sub.add_parser("convert-visa", help="convert the VisA release into MVTec layout")
+    p.add_argument("src", help="VisA release folder (holds split_csv/1cls.csv)")
+    p.add_argument("dst", help="output folder (must not exist or be empty)")
+    p.set_defaults(func=_convert_visa)
     return parser
 
 

@@ -172,18 +172,22 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """Tables: which variant is the main one, rounding, published reference rows."""
+    """Tables: the main variant, the rows of the ablation and scoring tables, rounding, and the
+    published reference rows."""
 
     main_variant: str
+    ablation: tuple[str, ...]
+    scoring: tuple[str, ...]
     decimals: int = field(metadata=_min(0))
     reference: str
 
 
 @dataclass(frozen=True)
 class FiguresConfig:
-    """Figures: formats, resolution, how many qualitative examples per class."""
+    """Figures: formats, resolution, qualitative examples per class, variants in the curves."""
 
     formats: tuple[str, ...]
+    compare: tuple[str, ...]
     dpi: int = field(metadata=_min(10))
     qualitative_per_class: int = field(metadata=_min(1))
     style: str
@@ -410,6 +414,27 @@ def _check_consistency(builder: _Builder, config: Config, path: str) -> None:
         raise builder.fail(_join(path, "evaluate.fusion"), "at least one weight must be > 0")
     if len(set(config.model.stages)) != len(config.model.stages) or not config.model.stages:
         raise builder.fail(_join(path, "model.stages"), "must be distinct stage indices")
+    bad_formats = sorted(set(config.figures.formats) - {"png", "pdf", "svg"})
+    if bad_formats:
+        raise builder.fail(
+            _join(path, "figures.formats"), f"unsupported {bad_formats}: use png, pdf, svg"
+        )
+
+
+def _check_variant_names(builder: _Builder, config: Config) -> None:
+    """Variant names in report and figures must exist (a typo would silently drop a row)."""
+    names = {
+        "report.main_variant": (config.report.main_variant,),
+        "report.ablation": config.report.ablation,
+        "report.scoring": config.report.scoring,
+        "figures.compare": config.figures.compare,
+    }
+    for key, values in names.items():
+        for value in values:
+            if value not in config.variants:
+                raise builder.fail(
+                    key, f"unknown variant {value!r} (valid: {', '.join(config.variants)})"
+                )
 
 
 def _from_raw(raw: Any, source: str, variant: str | None) -> Config:
@@ -444,6 +469,7 @@ def _from_raw(raw: Any, source: str, variant: str | None) -> Config:
                     f"{', '.join(trainable)}), got {spec.checkpoint!r}",
                 )
     base = dataclasses.replace(base, variants=types.MappingProxyType(variants))
+    _check_variant_names(builder, base)
     applied = None
     for name, spec in variants.items():
         merged = {**deep_merge(sections, spec.override), "variants": {}}

@@ -175,3 +175,10 @@ def test_data_root_expands_environment_variables(params_path, monkeypatch, tmp_p
     monkeypatch.delenv("MDDNET_TEST_ROOT")
     with pytest.raises(ConfigError, match="data.root: .* environment variable that is not set"):
         config.data.root_path()
+
+
+@pytest.mark.parametrize("key", [("report", "ablation"), ("figures", "compare")])
+def test_table_and_figure_variant_lists_must_name_variants(tmp_path, raw, key) -> None:
+    raw[key[0]][key[1]] = ["mddnet", "mdnet"]
+    with pytest.raises(ConfigError, match=rf"{key[0]}.{key[1]}: unknown variant 'mdnet'"):
+        load_config(_write(tmp_path, raw))

@@ -1,0 +1,1 @@
+"""Datasets: MVTec-layout folders, conversions, synthesis and torch Datasets."""
