@@ -47,6 +47,28 @@ def _convert_visa(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCHMARK_SIZES = (
+    "image_size",
+    "train_per_class",
+    "test_good_per_class",
+    "test_defect_per_class",
+)
+
+
+def _make_benchmark(args: argparse.Namespace) -> int:
+    from mddnet.config import load_config
+    from mddnet.data.synthetic import make_benchmark
+
+    sizes = {key: getattr(args, key) for key in _BENCHMARK_SIZES if getattr(args, key) is not None}
+    config = load_config(args.params, overrides={"data": {"benchmark": sizes}})
+    summary = make_benchmark(args.out, config.data.benchmark, args.seed)
+    images = sum(
+        c.train_good + c.test_good + sum(c.test_defects.values()) for c in summary.classes.values()
+    )
+    print(f"wrote {images} images of {len(summary.classes)} classes to {summary.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mddnet",
@@ -72,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="VisA release folder (holds split_csv/1cls.csv)")
     p.add_argument("dst", help="output folder (must not exist or be empty)")
     p.set_defaults(func=_convert_visa)
+
+    p = sub.add_parser("make-benchmark", help="generate the offline benchmark in MVTec layout")
+    p.add_argument("out", help="output folder (an earlier generated benchmark there is replaced)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--params", default="params.yaml", help="reads data.benchmark (default: params.yaml)"
+    )
+    for key in _BENCHMARK_SIZES:
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"override data.benchmark.{key}",
+        )
+    p.set_defaults(func=_make_benchmark)
     return parser
 
 

@@ -198,6 +198,7 @@ class TestDataset(Dataset):
         self, samples: Sequence[Sample], class_names: Sequence[str], image_size: int
     ) -> None:
         self.samples = list(samples)
+        self.class_names = tuple(class_names)
         self.class_ids = _class_ids(self.samples, class_names)
         self.image_size = image_size
 

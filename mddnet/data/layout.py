@@ -255,8 +255,8 @@ def list_classes(root: str | Path) -> list[str]:
     for path in _entries(root):
         if path.is_dir():
             classes.append(path.name)
-        else:
-            _skip(path, "not a class folder (classes are the sub-folders of the root)")
+        else:  # dataset metadata (MVTec's license.txt, the benchmark's benchmark.json)
+            log.debug("%s: not a class folder, ignored", path)
     if "train" in classes and "test" in classes:
         raise DatasetError(
             f"{root}: looks like a single class folder (it holds train/ and test/); pass its "

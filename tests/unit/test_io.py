@@ -113,3 +113,12 @@ def test_non_checkpoint_files_are_explained(tmp_path) -> None:
 def test_json_written_is_parseable_by_stdlib(tmp_path) -> None:
     write_json(tmp_path / "a.json", {"k": [1, 2]})
     assert json.loads((tmp_path / "a.json").read_text()) == {"k": [1, 2]}
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path) -> None:
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

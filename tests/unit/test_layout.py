@@ -189,8 +189,8 @@ def test_class_names_with_spaces_and_unicode_work(tmp_path: Path) -> None:
 
 
 def test_non_image_files_are_skipped_with_a_warning_naming_them(root: Path, caplog) -> None:
+    (root / "license.txt").write_text("dataset metadata beside the classes is not a class")
     skipped = [
-        root / "license.txt",
         root / "bottle" / "readme.txt",
         root / "bottle" / "train" / "good" / ".DS_Store",
         root / "bottle" / "train" / "good" / "notes.txt",
