@@ -1,0 +1,74 @@
+"""Student decoder of reverse distillation, used twice in MDD-Net.
+
+[paper] The restoration decoder D_R recovers the NORMAL teacher features F_n from the embedding of
+an anomalous image; the identity decoder D_I reproduces the ANOMALOUS features F_a from the same
+embedding. [ours] Both are one class: a mirror of the teacher built from RD4AD's de-convolutional
+residual blocks, one per teacher stage, that double the resolution and step the channels down to
+the teacher's, so every output matches a teacher feature map in shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import conv3x3
+
+__all__ = ["Decoder", "UpBlock"]
+
+
+def _deconv2x(in_channels: int, out_channels: int) -> nn.Sequential:
+    """A 2x2 stride-2 transposed conv + BN: RD4AD's learned x2 upsampling."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class UpBlock(nn.Module):
+    """De-convolutional residual block: (B, C_in, h, w) -> (B, C_out, 2h, 2w).
+
+    Unlike a ResNet block it ends WITHOUT a ReLU, because the output is compared with teacher
+    features that may be signed (EfficientNet stages end in a linear projection); a ReLU'd output
+    could never align with their negative part. The decoder applies the ReLU before the next block.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            _deconv2x(in_channels, out_channels),
+            nn.ReLU(inplace=True),
+            conv3x3(out_channels, out_channels),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = _deconv2x(in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.main(x) + self.shortcut(x)  # (B, C_out, 2h, 2w)
+
+
+class Decoder(nn.Module):
+    """Mirrors the teacher: z -> one feature map per teacher stage, returned shallow -> deep.
+
+    `channels` are the teacher's stage channels (shallow -> deep); the blocks run deep -> shallow,
+    each doubling the resolution, so z at stride 2 * r_last yields maps at the teacher's strides
+    when consecutive teacher stages differ by a factor 2 (checked by `build_model`).
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        channels = tuple(channels)
+        if not channels:
+            raise ValueError("Decoder needs at least one teacher stage channel count, got none")
+        widths = (in_channels, *reversed(channels))  # deep -> shallow
+        self.blocks = nn.ModuleList(
+            UpBlock(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
+        )
+
+    def forward(self, z: Tensor) -> list[Tensor]:
+        # z: (B, D, H/(2 r_last), W/(2 r_last)); block k doubles the resolution.
+        deep_to_shallow = [self.blocks[0](z)]
+        for block in self.blocks[1:]:
+            deep_to_shallow.append(block(F.relu(deep_to_shallow[-1])))
+        return deep_to_shallow[::-1]  # [(B, C_i, H/r_i, W/r_i)] shallow -> deep

@@ -1,0 +1,132 @@
+"""Inference scoring of MDD-Net: discrepancy maps, their fusion, blur and image scores.
+
+[paper] Two complementary discrepancy signals are fused into the anomaly map. [ours] They are
+teacher vs restoration (1 - cos(T(x)_i, D_R_i), the reverse-distillation map: where the decoder
+could not restore normal features) and restoration vs identity (1 - cos(D_R_i, D_I_i): where the
+restored and the reproduced features part ways); each is upsampled to image size and summed over
+scales, the two are fused by a weighted sum, blurred, and the image score pools the fused map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2.functional import gaussian_blur as _torchvision_blur
+
+from mddnet.config import FusionConfig
+
+if TYPE_CHECKING:
+    from mddnet.models.mddnet import MDDNetOutput
+
+__all__ = [
+    "IMAGE_SCORES",
+    "AnomalyMaps",
+    "anomaly_maps",
+    "blur",
+    "cosine_distance",
+    "discrepancy_map",
+    "image_scores",
+]
+
+IMAGE_SCORES = ("max", "topk_mean")
+
+
+class AnomalyMaps(NamedTuple):
+    """Pixel anomaly maps (B, H, W); a map whose fusion weight is 0 is not computed (None)."""
+
+    teacher_restoration: Tensor | None
+    restoration_identity: Tensor | None
+    fused: Tensor  # weighted sum of the two (blurred) maps
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - cosine over channels at every position: (B, C, h, w) x 2 -> (B, h, w)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"feature maps differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}: the decoder "
+            f"mirrors the teacher only when the image size is a multiple of the bottleneck stride"
+        )
+    return 1.0 - F.cosine_similarity(a, b, dim=1)
+
+
+def discrepancy_map(a: Sequence[Tensor], b: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+    """Per-scale 1 - cos over channels, bilinearly upsampled to `size` and summed: (B, H, W)."""
+    if len(a) != len(b):
+        raise ValueError(
+            f"discrepancy_map needs as many scales in both lists, got {len(a)}, {len(b)}"
+        )
+    maps = [
+        F.interpolate(
+            cosine_distance(x, y).unsqueeze(1),  # (B, 1, h_i, w_i)
+            size=tuple(size),
+            mode="bilinear",
+            align_corners=False,
+        )
+        for x, y in zip(a, b, strict=True)
+    ]
+    return torch.cat(maps, dim=1).sum(dim=1)  # (B, S, H, W) -> (B, H, W)
+
+
+def blur(maps: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of (B, H, W) maps, kernel 2 * ceil(3 sigma) + 1; sigma 0 returns them as is.
+
+    The blur smooths the blocky upsampled maps so that the image score is not one noisy pixel.
+    """
+    if sigma < 0:
+        raise ValueError(f"evaluate.blur_sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return maps
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    # torchvision blurs every (H, W) plane of a (..., H, W) tensor on its own.
+    return _torchvision_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+
+
+def anomaly_maps(
+    output: MDDNetOutput, size: Sequence[int], fusion: FusionConfig, blur_sigma: float
+) -> AnomalyMaps:
+    """The two discrepancy maps of one forward pass, blurred, and their weighted sum.
+
+    Blurring each map and then summing equals blurring the sum (the blur is linear), so the
+    returned maps are consistent with the fused one.
+    """
+    teacher_restoration = restoration_identity = None
+    weighted = []
+    if fusion.teacher_restoration > 0:
+        teacher_restoration = blur(
+            discrepancy_map(output.teacher, output.restoration, size), blur_sigma
+        )
+        weighted.append(fusion.teacher_restoration * teacher_restoration)
+    if fusion.restoration_identity > 0:
+        if output.identity is None:
+            raise ValueError(
+                "evaluate.fusion.restoration_identity > 0 but the model has no identity decoder; "
+                "set the weight to 0 or build the model with model.identity_decoder: true"
+            )
+        restoration_identity = blur(
+            discrepancy_map(output.restoration, output.identity, size), blur_sigma
+        )
+        weighted.append(fusion.restoration_identity * restoration_identity)
+    if not weighted:
+        raise ValueError("evaluate.fusion: at least one weight must be > 0")
+    return AnomalyMaps(teacher_restoration, restoration_identity, torch.stack(weighted).sum(0))
+
+
+def image_scores(maps: Tensor, mode: str, topk: int) -> Tensor:
+    """Image anomaly scores (B,) from maps (B, H, W): the max, or the mean of the top-k pixels."""
+    flat = maps.flatten(1)  # (B, H*W)
+    if mode == "max":
+        return flat.amax(dim=1)
+    if mode == "topk_mean":
+        if not 1 <= topk <= flat.shape[1]:
+            raise ValueError(
+                f"evaluate.topk must lie in [1, {flat.shape[1]}] (pixels per map), got {topk}"
+            )
+        return flat.topk(topk, dim=1).values.mean(dim=1)
+    raise ValueError(
+        f"evaluate.image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}"
+    )

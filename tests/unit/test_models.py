@@ -1,0 +1,217 @@
+"""MDD-Net composition: shapes that mirror the teacher, frozen teacher, ablations, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from mddnet.config import LossWeights, MemoryConfig, ModelConfig, load_config
+from mddnet.losses import compute_losses
+from mddnet.models import Bottleneck, Decoder, MDDNet, build_model
+
+NUM_CLASSES = 3
+SIZE = 64  # a multiple of the bottleneck stride 32; z is 2x2
+WEIGHTS = LossWeights(restoration=1.0, identity=1.0, discrepancy=1.0, memory=0.1)
+
+
+def _config(params_path: Path, **changes: object) -> ModelConfig:
+    """The default model params with a random teacher (fast, offline) and small memory."""
+    model = load_config(params_path).model
+    small = {"weights": "none", "memory": dataclasses.replace(model.memory, prototypes=4)}
+    return dataclasses.replace(model, **{**small, **changes})
+
+
+def _build(config: ModelConfig, seed: int = 0) -> MDDNet:
+    torch.manual_seed(seed)
+    return build_model(config, NUM_CLASSES)
+
+
+def _batch(seed: int, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, SIZE, SIZE, generator=g)
+    mask = (torch.rand(batch, 1, SIZE, SIZE, generator=g) > 0.8).float()
+    class_ids = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    return images, mask, class_ids
+
+
+def _train(model: MDDNet, optimizer_name: str, steps: int) -> None:
+    """A few optimisation steps of the full objective on random data."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optimizer_name == "adam":
+        optimizer = torch.optim.Adam(trainable, lr=0.005, betas=(0.5, 0.999))
+    else:
+        optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(steps):
+        images, mask, class_ids = _batch(step, batch=2)
+        normal = images.roll(1, dims=-1)  # a stand-in x_n that differs from x_a
+        output = model(images, class_ids)
+        terms = compute_losses(output, model.teacher(normal), mask, class_ids, WEIGHTS, "flatten")
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+
+
+def _count(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def test_decoders_mirror_the_teacher_and_z_has_twice_its_deepest_channels(
+    params_path: Path,
+) -> None:
+    model = _build(_config(params_path)).eval()
+    images, _, class_ids = _batch(0, batch=2)
+    output = model(images, class_ids)
+    # tf_efficientnet_lite0 stages 1-3: 24, 40, 112 channels at strides 4, 8, 16.
+    expected = [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    assert [tuple(f.shape) for f in output.teacher] == expected
+    assert [tuple(f.shape) for f in output.restoration] == expected
+    assert [tuple(f.shape) for f in output.identity] == expected
+    z = model.bottleneck(output.teacher)
+    assert tuple(z.shape) == (2, 224, 2, 2)  # D = 2 * 112 at stride 32
+    assert output.memory_logits.shape == (2, NUM_CLASSES)
+
+
+def test_bottleneck_fuses_every_teacher_scale() -> None:
+    torch.manual_seed(0)
+    bottleneck = Bottleneck((8, 12, 16)).eval()
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, c, s, s, generator=g) for c, s in ((8, 16), (12, 8), (16, 4))]
+    z = bottleneck(features)
+    assert tuple(z.shape) == (2, 32, 2, 2)
+    for i in range(3):
+        changed = [f.clone() for f in features]
+        changed[i] += 1.0
+        assert not torch.allclose(bottleneck(changed), z), f"scale {i} does not reach z"
+
+
+def test_bottleneck_rejects_a_wrong_number_of_scales() -> None:
+    with pytest.raises(ValueError, match="3 teacher stages"):
+        Bottleneck((8, 12, 16))([torch.zeros(1, 8, 8, 8)])
+
+
+def test_decoder_outputs_are_signed_like_teacher_features() -> None:
+    # No ReLU on the outputs: EfficientNet stage outputs are signed, and a decoder restricted to
+    # >= 0 could not align with them.
+    torch.manual_seed(0)
+    decoder = Decoder(32, (8, 12, 16)).eval()
+    outputs = decoder(torch.randn(2, 32, 2, 2))
+    assert [tuple(f.shape) for f in outputs] == [(2, 8, 16, 16), (2, 12, 8, 8), (2, 16, 4, 4)]
+    assert all((f < 0).any() and (f > 0).any() for f in outputs)
+
+
+def test_teacher_has_no_trainable_params_and_does_not_change_during_training(
+    params_path: Path,
+) -> None:
+    model = _build(_config(params_path))
+    assert _count(model.teacher) > 0
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    probe, _, _ = _batch(99, batch=2)
+    before = [f.clone() for f in model.teacher(probe)]
+    teacher_state = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    fuse_weight = model.bottleneck.fuse[0].weight.detach().clone()
+    prototypes = model.memory.prototypes.detach().clone()
+    _train(model, "adam", steps=3)
+    assert not model.teacher.training  # model.train() left the teacher in eval mode
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, teacher_state[key]), key  # weights and BN statistics
+    for old, new in zip(before, model.teacher(probe), strict=True):
+        assert torch.equal(old, new)
+    # ... while the trainable parts did move, including the memory's prototypes.
+    assert not torch.equal(model.bottleneck.fuse[0].weight.detach(), fuse_weight)
+    assert not torch.equal(model.memory.prototypes.detach(), prototypes)
+
+
+@pytest.mark.parametrize(
+    ("identity_decoder", "memory_enabled"), [(False, True), (True, False), (False, False)]
+)
+def test_each_ablation_drops_exactly_its_module(
+    params_path: Path, identity_decoder: bool, memory_enabled: bool
+) -> None:
+    full_config = _config(params_path)
+    full = _build(full_config)
+    memory = dataclasses.replace(full_config.memory, enabled=memory_enabled)
+    ablated = _build(
+        dataclasses.replace(full_config, identity_decoder=identity_decoder, memory=memory)
+    )
+    assert (ablated.identity_decoder is None) == (not identity_decoder)
+    assert (ablated.memory is None) == (not memory_enabled)
+    dropped = 0 if identity_decoder else _count(full.identity_decoder)
+    dropped += 0 if memory_enabled else NUM_CLASSES * 4 * 224  # classes * K * D
+    assert _count(full) - _count(ablated) == dropped
+    for part in ("teacher", "bottleneck", "restoration_decoder"):
+        assert _count(getattr(ablated, part)) == _count(getattr(full, part))
+    images, _, class_ids = _batch(0, batch=2)
+    output = ablated.eval()(images, class_ids)
+    assert (output.identity is None) == (not identity_decoder)
+    assert (output.memory_logits is None) == (output.class_ids is None) == (not memory_enabled)
+
+
+def test_restoration_reads_the_memory_and_identity_reads_z(params_path: Path) -> None:
+    # With every prototype of class 1 the same vector, replace mode hands D_R the same embedding
+    # whatever the image: its output cannot depend on the image, while D_I's does.
+    model = _build(_config(params_path)).eval()
+    with torch.no_grad():
+        model.memory.prototypes[1] = 0.5
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 1, 3, SIZE, SIZE, generator=g)
+    class_ids = torch.tensor([1])
+    out_a, out_b = model(a, class_ids), model(b, class_ids)
+    for r_a, r_b in zip(out_a.restoration, out_b.restoration, strict=True):
+        torch.testing.assert_close(r_a, r_b)
+    assert not torch.allclose(out_a.identity[0], out_b.identity[0])
+
+
+def test_output_class_ids_are_the_given_ones_or_the_memory_prediction(params_path: Path) -> None:
+    model = _build(_config(params_path)).eval()
+    images, _, _ = _batch(5)
+    given = torch.tensor([2, 0, 1, 2])
+    assert model(images, given).class_ids.tolist() == given.tolist()
+    predicted = model(images, None)
+    assert predicted.class_ids.tolist() == predicted.memory_logits.argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
+def test_same_seed_gives_identical_weights_after_three_steps(
+    params_path: Path, optimizer_name: str
+) -> None:
+    config = _config(params_path)
+    first, second = _build(config, seed=0), _build(config, seed=0)
+    other_seed = _build(config, seed=1)
+    assert not torch.equal(  # the seed does reach the weights, so the check below can fail
+        first.memory.prototypes, other_seed.memory.prototypes
+    )
+    _train(first, optimizer_name, steps=3)
+    _train(second, optimizer_name, steps=3)
+    trained, repeated = first.state_dict(), second.state_dict()
+    assert trained.keys() == repeated.keys()
+    for key, value in trained.items():
+        assert torch.equal(value, repeated[key]), key
+    assert not torch.equal(
+        trained["memory.prototypes"], other_seed.state_dict()["memory.prototypes"]
+    )
+
+
+def test_non_consecutive_stages_are_rejected_naming_the_param(params_path: Path) -> None:
+    with pytest.raises(ValueError, match="model.stages"):
+        build_model(_config(params_path, stages=(1, 3)), NUM_CLASSES)
+
+
+def test_unpretrained_build_does_not_need_the_weight_source(
+    params_path: Path, tmp_path: Path
+) -> None:
+    config = _config(params_path, weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_model(config, NUM_CLASSES)
+    model = build_model(config, NUM_CLASSES, pretrained=False)
+    assert model.teacher.weights_id == "random-init"
+
+
+def test_memory_params_reach_the_module(params_path: Path) -> None:
+    memory = MemoryConfig(enabled=True, prototypes=7, temperature=0.05, mode="mix")
+    model = _build(_config(params_path, memory=memory))
+    assert tuple(model.memory.prototypes.shape) == (NUM_CLASSES, 7, 224)
+    assert (model.memory.temperature, model.memory.mode) == (0.05, "mix")

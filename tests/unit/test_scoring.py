@@ -1,0 +1,123 @@
+"""Anomaly maps, fusion, blur and image scores against hand values and scipy/numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from mddnet.config import FusionConfig
+from mddnet.models.mddnet import MDDNetOutput
+from mddnet.scoring import anomaly_maps, blur, discrepancy_map, image_scores
+
+
+def _constant(vector: tuple[float, float], h: int, w: int) -> torch.Tensor:
+    """(1, 2, h, w) map holding `vector` at every position."""
+    return torch.tensor(vector, dtype=torch.float32).reshape(1, 2, 1, 1).expand(1, 2, h, w)
+
+
+def _features(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+
+
+def test_identical_features_give_a_zero_map() -> None:
+    features = _features(0)
+    out = discrepancy_map(features, [f.clone() for f in features], (32, 32))
+    assert out.shape == (2, 32, 32)
+    assert out.abs().max().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_discrepancy_map_upsamples_bilinearly_and_sums_scales() -> None:
+    # Scale 1 (2x2): distance 1 only at row 0, col 1 (orthogonal vectors), 0 elsewhere.
+    # Bilinear x2 with half-pixel centres samples at -0.25, 0.25, 0.75, 1.25 (clamped), so the
+    # weights of the second row/column are [0, .25, .75, 1]: map = outer([1, .75, .25, 0], [0, .25,
+    # .75, 1]). Scale 2 (1x1): orthogonal vectors, distance 1 everywhere.
+    a1 = _constant((1.0, 0.0), 2, 2)
+    b1 = a1.clone()
+    b1[0, :, 0, 1] = torch.tensor([0.0, 1.0])
+    a2, b2 = _constant((1.0, 0.0), 1, 1), _constant((0.0, 1.0), 1, 1)
+    out = discrepancy_map([a1, a2], [b1, b2], (4, 4))
+    expected = np.outer([1, 0.75, 0.25, 0], [0, 0.25, 0.75, 1]) + 1.0
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
+
+
+def _output(with_identity: bool = True) -> MDDNetOutput:
+    return MDDNetOutput(
+        teacher=_features(0),
+        restoration=_features(1),
+        identity=_features(2) if with_identity else None,
+        memory_logits=None,
+        class_ids=None,
+    )
+
+
+def test_fused_map_is_the_weighted_sum_of_the_two_maps() -> None:
+    output = _output()
+    maps = anomaly_maps(output, (16, 16), FusionConfig(0.3, 2.0), blur_sigma=0.0)
+    tr = discrepancy_map(output.teacher, output.restoration, (16, 16))
+    ri = discrepancy_map(output.restoration, output.identity, (16, 16))
+    torch.testing.assert_close(maps.teacher_restoration, tr)
+    torch.testing.assert_close(maps.restoration_identity, ri)
+    torch.testing.assert_close(maps.fused, 0.3 * tr + 2.0 * ri)
+
+
+def test_blurred_fusion_equals_the_blur_of_the_fused_map() -> None:
+    output = _output()
+    raw = anomaly_maps(output, (32, 32), FusionConfig(1.0, 0.5), blur_sigma=0.0)
+    blurred = anomaly_maps(output, (32, 32), FusionConfig(1.0, 0.5), blur_sigma=2.0)
+    torch.testing.assert_close(blurred.fused, blur(raw.fused, 2.0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(blurred.fused, raw.fused)
+
+
+def test_zero_weight_map_is_not_computed_and_needs_no_identity_decoder() -> None:
+    output = _output(with_identity=False)
+    maps = anomaly_maps(output, (16, 16), FusionConfig(1.0, 0.0), blur_sigma=0.0)
+    assert maps.restoration_identity is None
+    torch.testing.assert_close(maps.fused, maps.teacher_restoration)
+    only_ri = anomaly_maps(_output(), (16, 16), FusionConfig(0.0, 1.0), blur_sigma=0.0)
+    assert only_ri.teacher_restoration is None
+
+
+def test_identity_map_weight_without_identity_decoder_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="evaluate.fusion.restoration_identity"):
+        anomaly_maps(_output(with_identity=False), (16, 16), FusionConfig(1.0, 1.0), 0.0)
+
+
+def test_blur_preserves_mass_and_matches_scipy_gaussian() -> None:
+    maps = torch.zeros(2, 33, 33)
+    maps[0, 16, 16] = 1.0
+    maps[1, 10:14, 18:25] = 3.0
+    out = blur(maps, 2.0)
+    torch.testing.assert_close(out.sum(dim=(1, 2)), maps.sum(dim=(1, 2)), atol=1e-4, rtol=1e-5)
+    assert out[0].max() < 0.1  # the impulse is spread
+    # scipy's radius int(3 sigma + 0.5) = 6 = ceil(3 sigma): kernel 13; torch 'reflect' = 'mirror'
+    reference = ndimage.gaussian_filter(
+        maps.numpy(), sigma=(0, 2.0, 2.0), truncate=3.0, mode="mirror"
+    )
+    np.testing.assert_allclose(out.numpy(), reference, atol=1e-6)
+
+
+def test_blur_sigma_zero_returns_the_maps_unchanged() -> None:
+    maps = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(blur(maps, 0.0), maps)
+
+
+def test_image_scores_match_numpy_on_a_hand_case() -> None:
+    maps = torch.tensor(
+        [
+            [[0.1, 0.9, 0.3], [0.4, 0.2, 0.8], [0.0, 0.5, 0.7]],
+            [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.6]],
+        ]
+    )
+    flat = maps.numpy().reshape(2, -1)
+    np.testing.assert_allclose(image_scores(maps, "max", 3).numpy(), [0.9, 1.0])
+    top3 = np.sort(flat, axis=1)[:, -3:].mean(axis=1)  # (0.9+0.8+0.7)/3, (1+1+0.6)/3
+    np.testing.assert_allclose(image_scores(maps, "topk_mean", 3).numpy(), top3, rtol=1e-6)
+    np.testing.assert_allclose(top3, [0.8, 2.6 / 3], rtol=1e-6)
+
+
+def test_topk_larger_than_the_map_is_rejected() -> None:
+    with pytest.raises(ValueError, match="evaluate.topk"):
+        image_scores(torch.zeros(1, 2, 2), "topk_mean", 5)
