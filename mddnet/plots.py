@@ -1,0 +1,423 @@
+"""Figures of MDD-Net: qualitative anomaly maps, per-class and ablation charts, training losses,
+ROC/PR curves and the class-aware memory's prototypes.
+
+Every figure is a `matplotlib.figure.Figure` built without pyplot, so no global backend or figure
+registry is touched (Agg renders it when saved); seaborn styles it through a context, so its
+settings do not leak into the caller. `save_figure` is the only function that writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+from PIL import Image
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from mddnet.io import write_bytes
+from mddnet.report import HEADERS, METRICS, main_table
+
+if TYPE_CHECKING:
+    from mddnet.evaluate import Predictions
+
+__all__ = [
+    "LOSS_TERMS",
+    "ablation_chart",
+    "loss_curves",
+    "per_class_bars",
+    "prototype_projection",
+    "qualitative_grid",
+    "roc_pr_curves",
+    "save_figure",
+]
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS: tuple[str, ...] = ("total", "restoration", "identity", "discrepancy", "memory")
+# Dates in PDF/SVG metadata would make every rerun a changed output for DVC and git.
+_METADATA: dict[str, dict[str, Any]] = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+_PROJECTION_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
+# (title, Predictions field) of the map columns of the qualitative grid.
+_MAP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("teacher-restoration", "teacher_restoration"),
+    ("restoration-identity", "restoration_identity"),
+    ("fused", "maps"),
+)
+
+
+@contextlib.contextmanager
+def _styled(style: str) -> Iterator[None]:
+    """Seaborn's axes style and paper fonts while a figure is built (restored afterwards)."""
+    with sns.axes_style(style), sns.plotting_context("paper"):
+        yield
+
+
+def save_figure(fig: Figure, stem: str | Path, formats: Iterable[str], dpi: int) -> list[Path]:
+    """Write `<stem>.<format>` for each format, each atomically and byte-for-byte reproducible."""
+    stem = Path(stem)
+    written = []
+    for fmt in formats:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", metadata=_METADATA.get(fmt))
+        path = stem.parent / f"{stem.name}.{fmt}"
+        write_bytes(path, buffer.getvalue())
+        written.append(path)
+    log.info("wrote figure %s.{%s}", stem, ",".join(p.suffix[1:] for p in written))
+    return written
+
+
+def _resized(array: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    """A 2-D array resized to size x size with PIL (float maps in mode F keep their values)."""
+    return np.asarray(Image.fromarray(array).resize((size, size), resample))
+
+
+def _picked(predictions: Predictions, per_class: int) -> list[int]:
+    """Up to `per_class` defective images per class, evenly spaced in test order.
+
+    Deterministic (the same images every run) and, since MVTec lists a class's test images by
+    defect type, spread over the defect types rather than all from the first one.
+    """
+    picked = []
+    for class_id, name in enumerate(predictions.class_names):
+        defective = np.flatnonzero(
+            (np.asarray(predictions.class_ids) == class_id) & (np.asarray(predictions.labels) == 1)
+        )
+        if defective.size == 0:
+            log.warning("qualitative grid: class %s has no defective test image", name)
+            continue
+        count = min(per_class, defective.size)
+        picked.extend(defective[np.linspace(0, defective.size - 1, count).round().astype(int)])
+    return [int(i) for i in picked]
+
+
+def qualitative_grid(
+    predictions: Predictions, per_class: int, image_size: int, *, style: str = "white"
+) -> Figure:
+    """Image, ground truth and the three anomaly maps for a few defective images per class.
+
+    Every panel is drawn at `image_size` px (images, masks and maps are resized alike, as the
+    dataset resizes inputs). Each map column has ONE colour scale shared by all rows (min to max
+    of that map over the shown images), so rows compare the way a single threshold sees them. A
+    map that is zero everywhere (the variant has no such map) is left blank and titled "n/a".
+    """
+    rows = _picked(predictions, per_class)
+    if not rows:
+        raise ValueError("qualitative grid: no defective test image in the predictions")
+    absent = {field for _, field in _MAP_COLUMNS if not np.any(getattr(predictions, field))}
+    titles = ["image", "ground truth"] + [
+        f"{title} (n/a)" if field in absent else title for title, field in _MAP_COLUMNS
+    ]
+    # Grid column of each drawn map -> its panels, (R, S, S), resized like the images.
+    maps = {
+        c: np.stack(
+            [
+                _resized(
+                    np.asarray(getattr(predictions, field)[i], np.float32),
+                    image_size,
+                    Image.Resampling.BILINEAR,
+                )
+                for i in rows
+            ]
+        )
+        for c, (_, field) in enumerate(_MAP_COLUMNS, start=2)
+        if field not in absent
+    }
+    with _styled(style):
+        fig = Figure(figsize=(1.4 * len(titles), 1.4 * len(rows) + 0.5), layout="constrained")
+        # One thin extra row holds the colour bars of the map columns.
+        axes = fig.subplots(
+            len(rows) + 1,
+            len(titles),
+            squeeze=False,
+            gridspec_kw={"height_ratios": [1.0] * len(rows) + [0.07]},
+        )
+        for r, index in enumerate(rows):
+            with Image.open(predictions.paths[index]) as image:
+                rgb = np.asarray(
+                    image.convert("RGB").resize(
+                        (image_size, image_size), Image.Resampling.BILINEAR
+                    )
+                )  # (S, S, 3)
+            mask = np.asarray(predictions.masks[index], np.uint8) * 255
+            mask = _resized(mask, image_size, Image.Resampling.NEAREST) > 0  # (S, S)
+            # aspect="auto": panels fill their cells, no gaps from a fixed aspect ratio.
+            axes[r, 0].imshow(rgb, aspect="auto")
+            axes[r, 1].imshow(rgb, aspect="auto")
+            axes[r, 1].imshow(
+                np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, aspect="auto"
+            )
+            for c, panels in maps.items():
+                axes[r, c].imshow(
+                    panels[r], cmap="jet", vmin=panels.min(), vmax=panels.max(), aspect="auto"
+                )
+            if mask.any():  # the ground-truth outline on the overlay and on every map
+                for c in (1, *maps):
+                    axes[r, c].contour(mask, levels=[0.5], colors="white", linewidths=0.7)
+            class_name = predictions.class_names[int(predictions.class_ids[index])]
+            defect = Path(predictions.paths[index]).parent.name
+            axes[r, 0].set_ylabel(f"{class_name}\n{defect}", fontsize=8)
+        for ax in axes[:-1].flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax, title in zip(axes[0], titles, strict=True):
+            ax.set_title(title, fontsize=8)
+        for c, ax in enumerate(axes[-1]):
+            if c in maps:  # all rows share the column's scale: row 0's image stands for all
+                fig.colorbar(axes[0, c].images[0], cax=ax, orientation="horizontal")
+                ax.tick_params(labelsize=7)
+            else:
+                ax.remove()
+    return fig
+
+
+def per_class_bars(
+    metrics: Mapping[str, Any],
+    metrics_to_show: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+    *,
+    style: str = "whitegrid",
+) -> Figure:
+    """Grouped bars (percent) per class and for the mean, one colour per metric."""
+    unknown = [m for m in metrics_to_show if m not in HEADERS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r} (expected one of: {', '.join(METRICS)})")
+    table = main_table(metrics)[list(metrics_to_show)]
+    long = (
+        (100 * table)
+        .rename(columns=HEADERS)
+        .reset_index()
+        .melt(id_vars="class", var_name="metric", value_name="percent")
+    )
+    with _styled(style):
+        fig = Figure(figsize=(max(5.0, 1.2 + 0.15 * len(long)), 3.4), layout="constrained")
+        ax = fig.subplots()
+        sns.barplot(data=long, x="class", y="percent", hue="metric", ax=ax)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("")
+        ax.set_ylabel("%")
+        ax.tick_params(axis="x", labelrotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+        # Above the axes: inside, it would cover the bars.
+        sns.move_legend(
+            ax,
+            "lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncols=len(metrics_to_show),
+            title=None,
+            frameon=False,
+        )
+    return fig
+
+
+def ablation_chart(ablation_frame: pd.DataFrame, *, style: str = "white") -> Figure:
+    """Heatmap of variants x metrics, annotated in percent.
+
+    Colour is the value's position between its column's min and max, because the metrics span
+    very different ranges (P-AP near 50 %, AUROCs near 100 %): one shared scale would hide the
+    differences between variants, which are what an ablation is about.
+    """
+    columns = [c for c in ablation_frame.columns if c in HEADERS]
+    values = ablation_frame[columns].astype(float)  # (V, M) fractions
+    spread = (values.max() - values.min()).replace(0.0, np.nan)
+    position = ((values - values.min()) / spread).fillna(0.5)  # constant column: mid colour
+    names = ablation_frame.get("label", ablation_frame.index)
+    with _styled(style):
+        fig = Figure(
+            figsize=(
+                1.0 + 0.75 * len(columns) + 0.08 * max(map(len, names)),
+                0.9 + 0.32 * len(values),
+            ),
+            layout="constrained",
+        )
+        ax = fig.subplots()
+        sns.heatmap(
+            position.to_numpy(),
+            annot=100 * values.to_numpy(),
+            fmt=".1f",
+            cmap="RdYlGn",
+            vmin=0,
+            vmax=1,
+            cbar=False,
+            linewidths=0.5,
+            xticklabels=[HEADERS[c] for c in columns],
+            yticklabels=list(names),
+            annot_kws={"fontsize": 7},
+            ax=ax,
+        )
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0)
+        ax.set_title("percent; colour: low to high within each column", fontsize=8, loc="left")
+    return fig
+
+
+def _read_losses(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: loss log not found; run the train stage that writes it")
+    frame = pd.read_csv(path)
+    missing = [c for c in ("step", *LOSS_TERMS) if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column {missing[0]!r}; a loss log has step, epoch, lr, "
+            f"{', '.join(LOSS_TERMS)} (rerun the train stage)"
+        )
+    return frame
+
+
+def loss_curves(
+    csv_paths_by_variant: Mapping[str, str | Path], *, style: str = "whitegrid"
+) -> Figure:
+    """Total loss and each term against the step, one line per variant, log y.
+
+    Each line is a centred moving average over one epoch of steps: per-batch losses are too
+    noisy to tell several variants apart. A term that is zero throughout a run (removed in that
+    variant) is not drawn.
+    """
+    logs = {name: _read_losses(Path(path)) for name, path in csv_paths_by_variant.items()}
+    colours = dict(zip(logs, sns.color_palette("tab10", len(logs)), strict=True))
+    with _styled(style):
+        fig = Figure(figsize=(10, 5.5), layout="constrained")
+        axes = fig.subplots(2, 3).flat
+        for ax, term in zip(axes, LOSS_TERMS, strict=False):
+            for name, frame in logs.items():
+                if not (frame[term] > 0).any():
+                    continue
+                window = max(1, int(frame.groupby("epoch").size().median()))
+                smooth = frame[term].rolling(window, center=True, min_periods=1).mean()
+                ax.plot(frame["step"], smooth, color=colours[name], lw=1.2, label=name)
+            ax.set_yscale("log")
+            # Plain numbers at 1-2-5 steps (0.05, 0.1, 0.2) read faster than 5 x 10^-2.
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set(title=term, xlabel="step")
+        legend_ax = axes[len(LOSS_TERMS)]
+        legend_ax.axis("off")
+        legend_ax.legend(
+            handles=[legend_ax.plot([], [], color=colours[name], label=name)[0] for name in logs],
+            loc="center",
+            frameon=False,
+        )
+    return fig
+
+
+def roc_pr_curves(
+    predictions_by_variant: Mapping[str, Predictions], *, style: str = "whitegrid"
+) -> Figure:
+    """Image-level ROC and precision-recall curves, all test images pooled over classes.
+
+    Pooled, so the AUROC/AP in the legend differ from the tables' per-class means.
+    """
+    with _styled(style):
+        fig = Figure(figsize=(9, 4), layout="constrained")
+        roc_ax, pr_ax = fig.subplots(1, 2)
+        roc_ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        for name, predictions in predictions_by_variant.items():
+            labels, scores = np.asarray(predictions.labels), np.asarray(predictions.scores)
+            fpr, tpr, _ = roc_curve(labels, scores)
+            precision, recall, _ = precision_recall_curve(labels, scores)
+            auroc = roc_auc_score(labels, scores)
+            ap = average_precision_score(labels, scores)
+            roc_ax.plot(fpr, tpr, lw=1.2, label=f"{name} (AUROC {100 * auroc:.1f})")
+            pr_ax.plot(
+                recall,
+                precision,
+                lw=1.2,
+                drawstyle="steps-post",
+                label=f"{name} (AP {100 * ap:.1f})",
+            )
+        roc_ax.set(
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+            title="image-level ROC (pooled over classes)",
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+        )
+        pr_ax.set(
+            xlabel="recall",
+            ylabel="precision",
+            title="image-level precision-recall (pooled)",
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+        )
+        for ax in (roc_ax, pr_ax):
+            ax.legend(loc="lower left" if ax is pr_ax else "lower right", fontsize=7)
+    return fig
+
+
+def prototype_projection(
+    prototypes: np.ndarray,
+    class_names: Sequence[str],
+    method: str = "pca",
+    *,
+    style: str = "whitegrid",
+) -> Figure:
+    """2-D projection of the memory's prototypes (C, K, D), coloured by class.
+
+    Prototypes are L2-normalised first because the memory reads them by cosine similarity: only
+    their direction matters. `method` is "pca" (linear, deterministic; the default) or "tsne"
+    (neighbourhoods, seeded; its perplexity is capped below the number of points).
+    """
+    prototypes = np.asarray(prototypes, dtype=np.float64)
+    if prototypes.ndim != 3 or prototypes.shape[0] != len(class_names):
+        raise ValueError(
+            f"prototypes must have shape (classes={len(class_names)}, K, D), got "
+            f"{prototypes.shape}; pass the memory's prototype tensor and its class names"
+        )
+    classes, k, _ = prototypes.shape
+    points = prototypes.reshape(classes * k, -1)  # (C*K, D)
+    points = points / np.linalg.norm(points, axis=1, keepdims=True).clip(min=1e-12)
+    if method not in _PROJECTION_NAMES:
+        raise ValueError(f"projection method must be 'pca' or 'tsne', got {method!r}")
+    if method == "pca":
+        pca = PCA(n_components=2, svd_solver="full")
+        coords = pca.fit_transform(points)  # (C*K, 2)
+        axis_labels = [
+            f"PC{i + 1} ({100 * r:.0f} % of variance)"
+            for i, r in enumerate(pca.explained_variance_ratio_)
+        ]
+    else:
+        if len(points) < 4:
+            raise ValueError(f"t-SNE needs at least 4 prototypes, got {len(points)}; use pca")
+        tsne = TSNE(
+            n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0
+        )
+        coords = tsne.fit_transform(points)
+        axis_labels = ["t-SNE 1", "t-SNE 2"]
+    colours = sns.color_palette("husl" if classes > 10 else "tab10", classes)
+    with _styled(style):
+        fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+        ax = fig.subplots()
+        for c, name in enumerate(class_names):
+            block = coords[c * k : (c + 1) * k]  # (K, 2)
+            ax.scatter(
+                block[:, 0],
+                block[:, 1],
+                color=colours[c],
+                s=25,
+                label=name,
+                edgecolors="white",
+                linewidths=0.4,
+            )
+        ax.set(
+            xlabel=axis_labels[0],
+            ylabel=axis_labels[1],
+            title=f"memory prototypes ({k} per class, {_PROJECTION_NAMES[method]})",
+        )
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=7)
+    return fig
