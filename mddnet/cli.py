@@ -69,6 +69,30 @@ def _make_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mddnet.notebook import project_root
+    from mddnet.pipeline import PipelinePaths, write_pipeline, write_pipeline_params
+
+    root = project_root()
+    if args.name is None:
+        paths, target = PipelinePaths(params=args.params), root / "dvc.yaml"
+    else:
+        folder = f"pipelines/{args.name}"
+        paths = PipelinePaths(
+            params=f"{folder}/params.yaml",
+            results=f"results/{args.name}",
+            artifacts=f"artifacts/{args.name}",
+        )
+        target = root / folder / "dvc.yaml"
+        write_pipeline_params(root / args.params, root / paths.params, args.name, args.data_root)
+    write_pipeline(root, paths, target)
+    relative = Path(target).relative_to(root)
+    print(f"wrote {relative}; run it with: dvc repro {relative}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mddnet",
@@ -77,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pipeline",
+        help="render dvc.yaml, or pipelines/NAME/dvc.yaml for another dataset",
+        description="Render the DVC pipeline from a params file. Without --name: the root "
+        "dvc.yaml from params.yaml. With --name: pipelines/NAME/params.yaml (a copy of --params "
+        "with data.dataset = NAME and data.root = --data-root) and pipelines/NAME/dvc.yaml, "
+        "writing to results/NAME/; run it with `dvc repro pipelines/NAME/dvc.yaml`.",
+    )
+    p.add_argument("--params", default="params.yaml", help="params file to start from")
+    p.add_argument("--name", default=None, help="pipeline name (a dataset), e.g. mvtec_ad")
+    p.add_argument("--data-root", default=None, help="MVTec-layout dataset folder for --name")
+    p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("show-config", help="print the validated params for a variant")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

@@ -180,6 +180,9 @@ class ReportConfig:
     scoring: tuple[str, ...]
     decimals: int = field(metadata=_min(0))
     reference: str
+    reference_dataset: str
+    comparable: bool
+    reproduced: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -427,8 +430,20 @@ def _check_variant_names(builder: _Builder, config: Config) -> None:
         "report.main_variant": (config.report.main_variant,),
         "report.ablation": config.report.ablation,
         "report.scoring": config.report.scoring,
+        "report.reproduced": config.report.reproduced,
         "figures.compare": config.figures.compare,
     }
+    untrained = [n for n in config.figures.compare if config.variants[n].checkpoint is not None]
+    if untrained:
+        raise builder.fail(
+            "figures.compare",
+            f"{untrained[0]!r} trains no model of its own (no losses to plot): "
+            f"list variants without a checkpoint key",
+        )
+    if config.report.main_variant not in config.figures.compare:
+        raise builder.fail(
+            "figures.compare", f"must include report.main_variant {config.report.main_variant!r}"
+        )
     for key, values in names.items():
         for value in values:
             if value not in config.variants:

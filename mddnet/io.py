@@ -17,8 +17,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 __all__ = [
     "CheckpointError",
     "atomic_open",
@@ -104,6 +102,8 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
     `payload` must hold `state_dict`, `config` (plain dict), `class_names` and may hold more
     (optimizer state, step); the package version and format number are added here.
     """
+    import torch  # here, not at import: tables and figures use this module without torch
+
     from mddnet import __version__
 
     for key in ("state_dict", "config", "class_names"):
@@ -114,8 +114,13 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
         torch.save(data, handle)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; explain what is wrong if it is not one."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; explain what is wrong if it is not one.
+
+    `map_location` is what `torch.load` takes (a device or its name).
+    """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

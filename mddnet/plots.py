@@ -30,6 +30,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from mddnet.data.layout import Sample, load_image, load_mask
 from mddnet.io import write_bytes
 from mddnet.report import HEADERS, METRICS, main_table
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOSS_TERMS",
     "ablation_chart",
+    "dataset_samples",
     "loss_curves",
     "per_class_bars",
     "prototype_projection",
@@ -104,6 +106,50 @@ def _picked(predictions: Predictions, per_class: int) -> list[int]:
         count = min(per_class, defective.size)
         picked.extend(defective[np.linspace(0, defective.size - 1, count).round().astype(int)])
     return [int(i) for i in picked]
+
+
+def _evenly(items: Sequence[Any], count: int) -> list[Any]:
+    """Up to `count` items evenly spaced over `items` (deterministic; spreads over types)."""
+    if not items:
+        return []
+    index = np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int)
+    return [items[i] for i in index]
+
+
+def dataset_samples(
+    samples: Sequence[Sample], image_size: int, per_class: int = 3, *, style: str = "white"
+) -> Figure:
+    """Per class: a few normal training images, then defective test images, ground truth outlined.
+
+    The figure a user looks at first to see what the data is (real or generated) and that masks
+    sit where the defects are.
+    """
+    by_class: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.class_name, []).append(sample)
+    columns = 2 * per_class
+    with _styled(style):
+        fig = Figure(figsize=(1.3 * columns, 1.35 * len(by_class)), layout="constrained")
+        axes = fig.subplots(len(by_class), columns, squeeze=False)
+        for row, (name, group) in enumerate(sorted(by_class.items())):
+            normals = _evenly([s for s in group if s.split == "train"], per_class)
+            defects = _evenly([s for s in group if s.label == 1], per_class)
+            shown = [*normals, *([None] * (per_class - len(normals))), *defects]
+            for ax, sample in zip(axes[row], shown + [None] * (columns - len(shown)), strict=True):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if sample is None:
+                    ax.set_axis_off()
+                    continue
+                image = load_image(sample.image_path)
+                ax.imshow(np.asarray(image.resize((image_size, image_size))), aspect="auto")
+                if sample.mask_path is not None:
+                    mask = load_mask(sample.mask_path, image.size).astype(np.uint8) * 255
+                    mask = _resized(mask, image_size, Image.Resampling.NEAREST) > 0
+                    ax.contour(mask, levels=[0.5], colors="red", linewidths=0.7)
+                ax.set_title(sample.defect_type, fontsize=7, pad=2)
+            axes[row, 0].set_ylabel(name, fontsize=8)
+    return fig
 
 
 def qualitative_grid(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 
 from mddnet.io import write_text
+from mddnet.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
     from mddnet.config import Variant
@@ -32,7 +33,9 @@ __all__ = [
     "load_reference",
     "main_table",
     "paper_vs_reproduced",
+    "relabel",
     "variant_labels",
+    "variant_paths",
     "write_table",
 ]
 
@@ -49,7 +52,7 @@ HEADERS: dict[str, str] = {
     "pixel_aupro": "AUPRO",
     "mad": "mAD",
 }
-METRICS: tuple[str, ...] = tuple(HEADERS)
+METRICS: tuple[str, ...] = METRIC_NAMES
 # The published tables report the seven metrics but not their mean (mAD).
 PUBLISHED_METRICS: tuple[str, ...] = METRICS[:-1]
 REFERENCE_COLUMNS: tuple[str, ...] = ("dataset", "method", *PUBLISHED_METRICS, "source")
@@ -238,6 +241,16 @@ def paper_vs_reproduced(
     )
     frame.index.name = "method"
     return frame
+
+
+def relabel(metrics_by_variant: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, Any]:
+    """`{label: metrics}` for the variants in `labels` (their order), for rows named by label."""
+    return {label: metrics_by_variant[name] for name, label in labels.items()}
+
+
+def variant_paths(folder: str | Path, names: Iterable[str], suffix: str) -> dict[str, Path]:
+    """`{name: folder/<name><suffix>}`: the per-variant files a stage wrote, in `names` order."""
+    return {name: Path(folder) / f"{name}{suffix}" for name in names}
 
 
 def load_metrics(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # stages call python -m papermill from the venv
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # no model-hub lookups on the offline default
 echo "[reproduce] dvc repro $*"
 time .venv/bin/dvc repro "$@"

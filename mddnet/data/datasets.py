@@ -28,6 +28,7 @@ from torchvision.transforms import functional as tvf
 from mddnet.config import SynthesisConfig
 from mddnet.data.anomalies import synthesize
 from mddnet.data.layout import Sample, load_image, load_mask
+from mddnet.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -42,9 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_image(image: Image.Image, size: int) -> np.ndarray:

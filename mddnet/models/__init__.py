@@ -6,8 +6,6 @@ of the constructor, never by a branch on a variant name.
 
 from __future__ import annotations
 
-import dataclasses
-
 from mddnet.config import ModelConfig
 from mddnet.models.bottleneck import Bottleneck
 from mddnet.models.decoder import Decoder
@@ -29,10 +27,10 @@ __all__ = [
 def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = True) -> MDDNet:
     """Compose MDD-Net; `identity_decoder: false` and `memory.enabled: false` drop those parts.
 
-    `pretrained=False` builds the teacher with `weights: none`, for callers that load a
+    `pretrained=False` builds the teacher without loading weights, for callers that load a
     checkpoint (which holds the teacher's weights) and must not need the weight source.
     """
-    teacher = build_teacher(config if pretrained else dataclasses.replace(config, weights="none"))
+    teacher = build_teacher(config, load_weights=pretrained)
     reductions = tuple(teacher.reductions)
     if any(
         deep != 2 * shallow for shallow, deep in zip(reductions[:-1], reductions[1:], strict=True)

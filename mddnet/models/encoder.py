@@ -30,6 +30,7 @@ timm's pretrained_cfg for tf_efficientnet_lite0 also states. Evidence measured h
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mddnet.config import ModelConfig
+from mddnet.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -54,8 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (mean, std) of the pip package's weights: [0, 1] pixels to [-1, 1] (see the module docstring).
 PIP_WEIGHTS_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -132,8 +132,14 @@ class _Network(NamedTuple):
     std: tuple[float, ...]
 
 
-def build_teacher(config: ModelConfig) -> Teacher:
-    """The frozen teacher: `config.backbone` at `config.stages`, weights from `config.weights`."""
+def build_teacher(config: ModelConfig, *, load_weights: bool = True) -> Teacher:
+    """The frozen teacher: `config.backbone` at `config.stages`, weights from `config.weights`.
+
+    `load_weights=False` builds it untrained and silently, for a caller about to load a
+    checkpoint that holds the teacher's weights (so the weight source need not be at hand).
+    """
+    if not load_weights:
+        config = dataclasses.replace(config, weights=_RESTORED)
     network = _create_network(config, features=True)
     teacher = Teacher(network.module, network.weights_id, network.mean, network.std)
     logger.info(
@@ -159,6 +165,9 @@ def build_classifier(config: ModelConfig) -> nn.Module:
     return classifier.eval().requires_grad_(False)
 
 
+_RESTORED = "<restored from checkpoint>"  # internal source: weights come from a checkpoint
+
+
 def _create_network(config: ModelConfig, features: bool) -> _Network:
     """Create the timm network and load the weights `config.weights` names (shared loading path).
 
@@ -180,6 +189,8 @@ def _create_network(config: ModelConfig, features: bool) -> _Network:
         )
     module = timm.create_model(config.backbone, pretrained=False, **kwargs)
     mean, std = module.pretrained_cfg["mean"], module.pretrained_cfg["std"]
+    if config.weights == _RESTORED:
+        return _Network(module, "restored from checkpoint", mean, std)
     if config.weights == "none":
         logger.warning(
             "model.weights is none: the teacher is randomly initialised; anomaly detection "

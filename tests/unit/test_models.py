@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -201,13 +202,15 @@ def test_non_consecutive_stages_are_rejected_naming_the_param(params_path: Path)
 
 
 def test_unpretrained_build_does_not_need_the_weight_source(
-    params_path: Path, tmp_path: Path
+    params_path: Path, tmp_path: Path, caplog
 ) -> None:
     config = _config(params_path, weights=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_model(config, NUM_CLASSES)
-    model = build_model(config, NUM_CLASSES, pretrained=False)
-    assert model.teacher.weights_id == "random-init"
+    with caplog.at_level(logging.WARNING):
+        model = build_model(config, NUM_CLASSES, pretrained=False)
+    assert model.teacher.weights_id == "restored from checkpoint"
+    assert not caplog.records  # no "random teacher" warning when a checkpoint follows
 
 
 def test_memory_params_reach_the_module(params_path: Path) -> None:

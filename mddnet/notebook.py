@@ -1,0 +1,52 @@
+"""The setup cell of every notebook: project root, logging, validated config, seed.
+
+Notebooks run from two places: papermill started by DVC in the repository root, and JupyterLab in
+`notebooks/`. Resolving every path against the project root (found by walking up to the clone)
+makes both behave the same without `os.chdir`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mddnet.config import Config, load_config
+from mddnet.seed import seed_everything
+
+__all__ = ["Session", "project_root", "setup"]
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: cwd) with pyproject.toml and mddnet/."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "mddnet").is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"{here}: not inside the mddnet repository (no pyproject.toml with mddnet/ above it); "
+        f"start Jupyter or papermill from the clone"
+    )
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a notebook needs after its parameters cell."""
+
+    root: Path
+    config: Config
+
+    def path(self, relative: str | Path) -> Path:
+        """A path from the parameters cell or params, resolved against the project root."""
+        return self.root / Path(relative).expanduser()
+
+
+def setup(params_file: str, variant: str | None = None) -> Session:
+    """Find the project root, show INFO logs in the notebook, load the config and seed."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
+    root = project_root()
+    config = load_config(root / params_file, variant)
+    seed_everything(config.seed)
+    return Session(root, config)

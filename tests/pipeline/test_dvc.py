@@ -1,0 +1,175 @@
+"""The DVC contract: what each stage passes to its notebook, what it declares, what it imports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import papermill
+import pytest
+import yaml
+
+from mddnet.config import load_config
+from mddnet.pipeline import HEADER, PipelinePaths, render_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINE_FILES = [REPO / "dvc.yaml", *sorted((REPO / "pipelines").glob("*/dvc.yaml"))]
+
+
+def _paths_of(dvc_file: Path) -> PipelinePaths:
+    if dvc_file.parent == REPO:
+        return PipelinePaths()
+    name = dvc_file.parent.name
+    return PipelinePaths(
+        params=f"pipelines/{name}/params.yaml",
+        results=f"results/{name}",
+        artifacts=f"artifacts/{name}",
+    )
+
+
+def _expand(value: Any, key: str, item: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("${key}", key).replace("${item}", item)
+    if isinstance(value, list):
+        return [_expand(v, key, item) for v in value]
+    if isinstance(value, dict):
+        return {_expand(k, key, item): _expand(v, key, item) for k, v in value.items()}
+    return value
+
+
+def stages(dvc_file: Path) -> dict[str, dict[str, Any]]:
+    """Every concrete stage of a dvc.yaml, foreach expanded as DVC does (`name@key`)."""
+    expanded = {}
+    for name, stage in yaml.safe_load(dvc_file.read_text())["stages"].items():
+        if "foreach" not in stage:
+            expanded[name] = stage
+            continue
+        loop = stage["foreach"]
+        pairs = loop.items() if isinstance(loop, dict) else ((i, i) for i in loop)
+        for key, item in pairs:
+            expanded[f"{name}@{key}"] = _expand(stage["do"], key, item)
+    return expanded
+
+
+def _paths(entries: list[Any]) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+def _command(stage: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    match = re.search(r"python -m papermill (\S+) (\S+) --log-output (.*)$", stage["cmd"])
+    assert match, stage["cmd"]
+    words = shlex.split(match.group(3))
+    assert words[0::3] == ["-p"] * (len(words) // 3) and len(words) % 3 == 0, words
+    return match.group(1), match.group(2), dict(zip(words[1::3], words[2::3], strict=True))
+
+
+CASES = [(f, s) for f in PIPELINE_FILES for s in stages(f)]
+
+
+def test_the_committed_pipelines_are_what_the_params_render() -> None:
+    for dvc_file in PIPELINE_FILES:
+        paths = _paths_of(dvc_file)
+        wdir = None if dvc_file.parent == REPO else "../.."
+        assert yaml.safe_load(dvc_file.read_text()) == render_pipeline(REPO, paths, wdir), (
+            f"{dvc_file} is stale: run `mddnet pipeline` (see its header)"
+        )
+        assert dvc_file.read_text().startswith(HEADER.format(params=paths.params))
+
+
+def test_the_default_pipeline_has_the_expected_stages() -> None:
+    config = load_config(REPO / "params.yaml")
+    trained = [n for n, v in config.variants.items() if v.checkpoint is None]
+    expected = (
+        ["prepare"]
+        + [f"train@{n}" for n in trained]
+        + [f"evaluate@{n}" for n in config.variants]
+        + ["main_results", "ablations", "figures"]
+    )
+    assert list(stages(REPO / "dvc.yaml")) == expected
+
+
+@pytest.mark.parametrize(
+    ("dvc_file", "name"), CASES, ids=[f"{f.parent.name}:{s}" for f, s in CASES]
+)
+def test_every_parameter_is_declared_and_passed_and_every_out_is_passed(
+    dvc_file: Path, name: str
+) -> None:
+    stage = stages(dvc_file)[name]
+    notebook, executed, passed = _command(stage)
+    declared = papermill.inspect_notebook(str(REPO / notebook))
+    assert set(passed) == set(declared), f"{name}: -p names != the notebook's parameters"
+    assert executed.startswith(_paths_of(dvc_file).results + "/notebooks/")
+    config = load_config(REPO / _paths_of(dvc_file).params)
+    values = set(passed.values())
+    for out in (
+        _paths(stage.get("outs", []))
+        + _paths(stage.get("metrics", []))
+        + _paths(stage.get("plots", []))
+    ):
+        passed_as = (
+            out in values
+            or out == executed
+            or out == config.data.root
+            or any(out.startswith(v + "/") or out.startswith(v + ".") for v in values)
+        )
+        assert passed_as, f"{name}: out {out} is not passed to the notebook"
+
+
+_LOADED_PROBE = """
+import ast, json, sys
+cells = json.load(open(sys.argv[1]))["cells"]
+tree = ast.parse("\\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+exec(compile(ast.Module(body=imports, type_ignores=[]), "imports", "exec"))
+print(json.dumps(sorted(
+    m.__file__ for name, m in sys.modules.items()
+    if name.split(".")[0] == "mddnet" and getattr(m, "__file__", None)
+)))
+"""
+
+
+@pytest.mark.parametrize(
+    "notebook", sorted({_command(s)[0] for f in PIPELINE_FILES for s in stages(f).values()})
+)
+def test_stage_deps_cover_every_module_the_notebook_loads(notebook: str) -> None:
+    """Measured, not parsed: import what the notebook imports, list the modules Python loaded."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED_PROBE, str(REPO / notebook)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    loaded = {Path(f).resolve().relative_to(REPO).as_posix() for f in json.loads(result.stdout)}
+    assert loaded, "the probe loaded nothing"
+    for dvc_file in PIPELINE_FILES:
+        for name, stage in stages(dvc_file).items():
+            if _command(stage)[0] == notebook:
+                missing = loaded - set(_paths(stage["deps"]))
+                assert not missing, f"{dvc_file.name}:{name} lacks deps {sorted(missing)}"
+
+
+def test_results_are_committed_not_cached_and_intermediates_are_cached() -> None:
+    for dvc_file in PIPELINE_FILES:
+        results = _paths_of(dvc_file).results
+        for name, stage in stages(dvc_file).items():
+            for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                cached = not (isinstance(entry, dict) and entry[path].get("cache") is False)
+                assert cached == (not path.startswith(results + "/")), f"{name}: {path}"
+
+
+def test_dvc_analytics_are_off() -> None:
+    assert re.search(r"analytics\s*=\s*false", (REPO / ".dvc" / "config").read_text())
+
+
+def test_data_dvc_tracks_the_real_inputs_folder_and_no_stage_needs_it() -> None:
+    out = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
+    assert out["path"] == "data"
+    for name, stage in stages(REPO / "dvc.yaml").items():
+        assert not any(p == "data" or p.startswith("data/") for p in _paths(stage["deps"])), name
