@@ -69,6 +69,48 @@ def _make_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mddnet.config import load_config
+    from mddnet.train import fit
+
+    config = load_config(args.params, args.variant)
+    result = fit(config, args.out, losses_csv=args.losses_csv, resume=not args.restart)
+    print(f"wrote {result.checkpoint} ({result.steps} steps, {result.wall_time_s:.0f} s)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mddnet.config import load_config
+    from mddnet.evaluate import evaluate_checkpoint, save_predictions
+    from mddnet.io import write_json
+    from mddnet.report import main_table
+
+    config = load_config(args.params, args.variant)
+    run = evaluate_checkpoint(config, args.checkpoint, config.data.root_path())
+    write_json(args.metrics_out, run.metrics)
+    if args.predictions_out:
+        save_predictions(args.predictions_out, run.predictions)
+    if args.provenance_out:
+        write_json(args.provenance_out, run.provenance)
+    print((100 * main_table(run.metrics)).round(config.report.decimals).to_string())
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mddnet.predict import predict_images
+
+    run = predict_images(
+        args.checkpoint, args.images, args.out, class_name=args.class_name, device=args.device
+    )
+    print(f"scored {len(run.rows)} images: {run.scores_csv}")
+    if run.failures:
+        print(f"{len(run.failures)} unreadable images were skipped:", file=sys.stderr)
+        for path, reason in run.failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -114,6 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="pipeline name (a dataset), e.g. mvtec_ad")
     p.add_argument("--data-root", default=None, help="MVTec-layout dataset folder for --name")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("train", help="train one variant (resumes an interrupted run)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--variant", default="mddnet", help="variant to train (default: mddnet)")
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. artifacts/mddnet.pt")
+    p.add_argument("--losses-csv", default=None, help="per-step losses (default: beside --out)")
+    p.add_argument("--restart", action="store_true", help="ignore an interrupted run's state")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on the test split of data.root")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--variant", default="mddnet", help="variant whose scoring to use")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `mddnet train`")
+    p.add_argument("--metrics-out", required=True, help="metrics JSON to write")
+    p.add_argument("--predictions-out", default=None, help="also write scores and maps (.npz)")
+    p.add_argument("--provenance-out", default=None, help="also write provenance JSON")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="score your own images: a CSV of scores and a heat-map overlay per image",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by `mddnet train`")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (scores.csv, overlays/)")
+    p.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        help="class of the images (default: predicted by the memory)",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: auto)")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("show-config", help="print the validated params for a variant")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

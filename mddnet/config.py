@@ -144,6 +144,7 @@ class TrainConfig:
     lr_step_at: float = field(metadata=_min(0.0))
     lr_gamma: float = field(metadata=_min(0.0, exclusive=True))
     cosine: str = field(metadata=_choices("flatten", "pixel"))
+    discrepancy_reduction: str = field(metadata=_choices("mean", "balanced"))
     loss_weights: LossWeights
     checkpoint_every: int = field(metadata=_min(1))
     device: str = field(metadata=_choices("auto", "cpu", "cuda"))
@@ -433,6 +434,12 @@ def _check_variant_names(builder: _Builder, config: Config) -> None:
         "report.reproduced": config.report.reproduced,
         "figures.compare": config.figures.compare,
     }
+    for key, values in names.items():
+        for value in values:
+            if value not in config.variants:
+                raise builder.fail(
+                    key, f"unknown variant {value!r} (valid: {', '.join(config.variants)})"
+                )
     untrained = [n for n in config.figures.compare if config.variants[n].checkpoint is not None]
     if untrained:
         raise builder.fail(
@@ -444,12 +451,6 @@ def _check_variant_names(builder: _Builder, config: Config) -> None:
         raise builder.fail(
             "figures.compare", f"must include report.main_variant {config.report.main_variant!r}"
         )
-    for key, values in names.items():
-        for value in values:
-            if value not in config.variants:
-                raise builder.fail(
-                    key, f"unknown variant {value!r} (valid: {', '.join(config.variants)})"
-                )
 
 
 def _from_raw(raw: Any, source: str, variant: str | None) -> Config:

@@ -88,18 +88,41 @@ def resize_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     return F.adaptive_avg_pool2d(mask, tuple(size)).squeeze(1)
 
 
+def _balanced_mean(error: Tensor, target: Tensor) -> Tensor:
+    """Mean error over anomalous pixels and over normal pixels, averaged (each weighs half).
+
+    With anomalies covering a few percent of the pixels, a plain mean is nearly minimised by
+    predicting "no discrepancy" everywhere; balancing keeps the anomalous pixels' pull.
+    `target` holds the fraction of each cell that is anomalous, used as the weight.
+    """
+    positive, negative = target.sum(), (1 - target).sum()
+    normal_part = ((1 - target) * error).sum() / negative.clamp_min(1e-12)
+    if positive <= 0:
+        return normal_part
+    return 0.5 * ((target * error).sum() / positive + normal_part)
+
+
 def discrepancy_loss(
-    restoration: Sequence[Tensor], identity: Sequence[Tensor], mask: Tensor
+    restoration: Sequence[Tensor],
+    identity: Sequence[Tensor],
+    mask: Tensor,
+    reduction: str = "mean",
 ) -> Tensor:
-    """sum_i mean |M_RI,i - M_i| with M_RI,i = 1 - cos over channels of D_R_i and D_I_i."""
+    """sum_i reduce |M_RI,i - M_i| with M_RI,i = 1 - cos over channels of D_R_i and D_I_i.
+
+    `reduction` is `mean` (over all pixels) or `balanced` (see `_balanced_mean`).
+    """
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(
             f"mask must have shape (B, 1, H, W), got {tuple(mask.shape)}; add the channel axis"
         )
-    per_scale = [
-        (cosine_distance(r, i) - resize_mask(mask, r.shape[-2:])).abs().mean()  # (B, h, w)
-        for r, i in _scale_pairs(restoration, identity)
-    ]
+    if reduction not in ("mean", "balanced"):
+        raise ValueError(f"train.discrepancy_reduction: mean or balanced, got {reduction!r}")
+    per_scale = []
+    for r, i in _scale_pairs(restoration, identity):
+        target = resize_mask(mask, r.shape[-2:])  # (B, h, w)
+        error = (cosine_distance(r, i) - target).abs()  # (B, h, w)
+        per_scale.append(error.mean() if reduction == "mean" else _balanced_mean(error, target))
     return torch.stack(per_scale).sum()
 
 
@@ -118,6 +141,7 @@ def compute_losses(
     class_ids: Tensor,
     weights: LossWeights,
     cosine: str,
+    discrepancy_reduction: str = "mean",
 ) -> LossTerms:
     """All loss terms of one training step; a term with weight 0 is not computed (0 instead).
 
@@ -139,7 +163,9 @@ def compute_losses(
     if weights.identity > 0:
         identity = feature_cosine_loss(output.identity, output.teacher, cosine)
     if weights.discrepancy > 0:
-        discrepancy = discrepancy_loss(output.restoration, output.identity, mask)
+        discrepancy = discrepancy_loss(
+            output.restoration, output.identity, mask, discrepancy_reduction
+        )
     if weights.memory > 0:
         memory = F.cross_entropy(output.memory_logits, class_ids)
     total = (

@@ -218,6 +218,7 @@ def fit(
                 class_ids,
                 config.train.loss_weights,
                 config.train.cosine,
+                config.train.discrepancy_reduction,
             )
             _check_finite(terms, step)
             optimizer.zero_grad(set_to_none=True)

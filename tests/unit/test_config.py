@@ -182,3 +182,35 @@ def test_table_and_figure_variant_lists_must_name_variants(tmp_path, raw, key) -
     raw[key[0]][key[1]] = ["mddnet", "mdnet"]
     with pytest.raises(ConfigError, match=rf"{key[0]}.{key[1]}: unknown variant 'mdnet'"):
         load_config(_write(tmp_path, raw))
+
+
+def _keys(node: object, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict):
+        return {prefix}
+    if prefix == "variants":  # variant names differ by design; their shape is validated
+        return {prefix}
+    return set().union(*(_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in node.items()))
+
+
+@pytest.mark.parametrize("name", ["paper_mvtec.yaml", "paper_visa.yaml", "mvtec_folder.yaml"])
+def test_configs_load_and_have_the_key_structure_of_params(
+    repo: Path, params_path: Path, name: str, monkeypatch
+) -> None:
+    path = repo / "configs" / name
+    config = load_config(path)
+    for variant in config.variants:
+        load_config(path, variant)
+    assert _keys(yaml.safe_load(path.read_text())) == _keys(
+        yaml.safe_load(params_path.read_text())
+    )
+    if name.startswith("paper"):
+        assert (config.data.image_size, config.train.epochs, config.train.batch_size) == (
+            256,
+            100,
+            16,
+        )
+        assert config.model.backbone.startswith("wide_resnet50_2") and config.report.comparable
+    else:
+        monkeypatch.setenv("MDDNET_DATA_ROOT", "/somewhere")
+        assert config.data.root_path() == Path("/somewhere")
+        assert config.model.weights == "efficientnet_lite0" and not config.data.generate

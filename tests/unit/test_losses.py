@@ -102,6 +102,34 @@ def test_discrepancy_loss_equals_hand_computation_on_a_2x2_case() -> None:
     )
 
 
+def test_balanced_discrepancy_equals_hand_computation_on_the_2x2_case() -> None:
+    # Same features and mask as above. Scale 1: targets t = [[0, 1], [0, .25]], errors
+    #   e = [[0, 0], [0, |m_ri - .25|]]; anomalous part sum(t e) / sum(t) = .25 e4 / 1.25,
+    #   normal part sum((1 - t) e) / sum(1 - t) = .75 e4 / 2.75; loss = (a + n) / 2.
+    # Scale 2 (1x1): t = 5/16, e = |m_ri - 5/16|: both parts equal e, so the loss is e.
+    restoration = [_map((1, 0), (1, 0), (0, 1), (1, 1), h=2, w=2), _map((1, 1), h=1, w=1)]
+    identity = [_map((1, 0), (0, 1), (0, 1), (1, 0), h=2, w=2), _map((1, 0), h=1, w=1)]
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, 2:] = 1
+    mask[0, 0, 3, 3] = 1
+    m_ri = 1 - 1 / math.sqrt(2)
+    e4 = abs(m_ri - 0.25)
+    expected = (0.25 * e4 / 1.25 + 0.75 * e4 / 2.75) / 2 + abs(m_ri - 5 / 16)
+    loss = discrepancy_loss(restoration, identity, mask, reduction="balanced")
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+
+
+def test_balanced_discrepancy_without_anomalies_is_the_plain_mean() -> None:
+    restoration = [_map((1, 0), (1, 1), h=1, w=2)]
+    identity = [_map((0, 1), (1, 1), h=1, w=2)]
+    mask = torch.zeros(1, 1, 2, 4)
+    plain = discrepancy_loss(restoration, identity, mask, reduction="mean")
+    assert float(plain) == pytest.approx(0.5)  # errors 1 and 0
+    assert float(discrepancy_loss(restoration, identity, mask, reduction="balanced")) == 0.5
+    with pytest.raises(ValueError, match="discrepancy_reduction: mean or balanced"):
+        discrepancy_loss(restoration, identity, mask, reduction="sum")
+
+
 def test_discrepancy_loss_rejects_a_mask_without_channel_axis() -> None:
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         discrepancy_loss(_features(0), _features(1), torch.zeros(2, 16, 16))
