@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mddnet.config import LossWeights
+from mddnet.distributed import global_sum, world_size
 from mddnet.scoring import cosine_distance
 
 if TYPE_CHECKING:
@@ -95,11 +96,14 @@ def _balanced_mean(error: Tensor, target: Tensor) -> Tensor:
     predicting "no discrepancy" everywhere; balancing keeps the anomalous pixels' pull.
     `target` holds the fraction of each cell that is anomalous, used as the weight.
     """
-    positive, negative = target.sum(), (1 - target).sum()
-    normal_part = ((1 - target) * error).sum() / negative.clamp_min(1e-12)
+    # Counted over the global batch, so that N processes of a torchrun job, each scaling its
+    # part by N before DDP averages the gradients, train exactly as one process would.
+    positive, negative = global_sum(target.sum()), global_sum((1 - target).sum())
+    scale = world_size()
+    normal_part = scale * ((1 - target) * error).sum() / negative.clamp_min(1e-12)
     if positive <= 0:
         return normal_part
-    return 0.5 * ((target * error).sum() / positive + normal_part)
+    return 0.5 * (scale * (target * error).sum() / positive + normal_part)
 
 
 def discrepancy_loss(

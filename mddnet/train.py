@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mddnet.config import Config, config_to_dict
 from mddnet.data.datasets import TrainDataset
 from mddnet.data.layout import Sample, scan_dataset
-from mddnet.device import resolve_device
+from mddnet.device import memory_format, resolve_device
+from mddnet.distributed import Context, convert_batch_norm, init_from_environment
 from mddnet.io import load_checkpoint, save_checkpoint, write_csv
 from mddnet.losses import LossTerms, compute_losses
 from mddnet.models import build_model
@@ -86,11 +88,11 @@ def _train_samples(config: Config, root: Path) -> tuple[list[Sample], tuple[str,
     return samples, class_names
 
 
-def _check_finite(terms: LossTerms, step: int) -> None:
-    for name, value in terms._asdict().items():
-        if not torch.isfinite(value).all():
+def _check_finite(values: dict[str, float], step: int) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
             raise FloatingPointError(
-                f"training stopped at step {step}: the {name} loss is {value.item()} "
+                f"training stopped at step {step}: the {name} loss is {value} "
                 f"(lower train.lr, check the input images, or disable that term)"
             )
 
@@ -127,6 +129,24 @@ def _batches(
     yield from loader
 
 
+def _shard(batches: list[list[int]], context: Context) -> list[list[int]]:
+    """This process's equal, contiguous slice of every global batch."""
+    sliced = []
+    for batch in batches:
+        size = len(batch) // context.world_size
+        sliced.append(batch[context.rank * size : (context.rank + 1) * size])
+    return sliced
+
+
+def _logged(terms: LossTerms, context: Context) -> dict[str, float]:
+    """Loss values of the global batch: each process's mean, averaged over the processes."""
+    values = torch.stack([t.detach().float() for t in terms])
+    if context.distributed:
+        torch.distributed.all_reduce(values)
+        values /= context.world_size
+    return dict(zip(LossTerms._fields, values.tolist(), strict=True))
+
+
 def fit(
     config: Config,
     checkpoint: str | Path,
@@ -141,19 +161,38 @@ def fit(
     `losses_csv` defaults to `<checkpoint stem>.losses.csv` beside the checkpoint; `root` to
     `data.root`. With `resume=True` an in-progress run of the same config continues from its
     last resume checkpoint; a resume file written for another config is refused, not reused.
+    Started by `torchrun`, the processes share every global batch (`mddnet.distributed`) and
+    only the main one writes files.
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     losses_csv = Path(losses_csv) if losses_csv else checkpoint.with_suffix(".losses.csv")
     root = Path(root) if root is not None else config.data.root_path()
     device = resolve_device(config.train.device)
+    context = init_from_environment(device)
+    if device.type == "cuda" and context.distributed:
+        device = torch.device("cuda", context.local_rank)
+    if config.train.batch_size % context.world_size:
+        raise ValueError(
+            f"train.batch_size {config.train.batch_size} does not split over "
+            f"{context.world_size} processes; use a multiple of {context.world_size}"
+        )
 
     seed_everything(config.seed)
     samples, class_names = _train_samples(config, root)
     dataset = TrainDataset(
         samples, class_names, config.data.image_size, config.data.synthesis, config.seed
     )
-    model = build_model(config.model, len(class_names)).to(device)
+    layout = memory_format(config.train.channels_last)
+    model = build_model(config.model, len(class_names)).to(device, memory_format=layout)
+    network: torch.nn.Module = model
+    if context.distributed:
+        model = convert_batch_norm(model, device)
+        network = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # an ablation may leave a module without gradient
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
         trainable,
@@ -180,39 +219,39 @@ def fit(
     resumed_from = step
 
     log.info(
-        "training %s on %d images of %d classes (%s) for %d steps on %s",
+        "training %s on %d images of %d classes (%s) for %d steps on %s%s",
         config.variant or "params",
         len(dataset),
         len(class_names),
         ", ".join(class_names),
         total_steps,
         device,
+        f" x {context.world_size} processes" if context.distributed else "",
     )
-    model.train()
+    network.train()
     bar = tqdm(
         total=total_steps,
         initial=step,
         desc=f"train {config.variant or ''}".strip(),
-        disable=not progress,
+        disable=not (progress and context.is_main),
         unit="step",
     )
     for epoch in range(step // steps_per_epoch, config.train.epochs):
         dataset.set_epoch(epoch)
         batches = _epoch_batches(len(dataset), config.train.batch_size, config.seed, epoch)
-        batches = batches[step - epoch * steps_per_epoch :]
+        batches = _shard(batches[step - epoch * steps_per_epoch :], context)
         for batch in _batches(dataset, batches, config.data.num_workers, device.type == "cuda"):
             lr = config.train.lr * _lr_factor(step, steps_per_epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            normal = batch["normal"].to(device)
-            anomalous = batch["anomalous"].to(device)
+            normal = batch["normal"].to(device, memory_format=layout)
+            anomalous = batch["anomalous"].to(device, memory_format=layout)
             mask = batch["mask"].to(device)
             class_ids = batch["class_id"].to(device)
             with torch.no_grad():
                 teacher_normal = model.teacher(normal)
-            output = model(anomalous, class_ids)
             terms = compute_losses(
-                output,
+                network(anomalous, class_ids),
                 teacher_normal,
                 mask,
                 class_ids,
@@ -220,18 +259,20 @@ def fit(
                 config.train.cosine,
                 config.train.discrepancy_reduction,
             )
-            _check_finite(terms, step)
+            logged = _logged(terms, context)
+            _check_finite(logged, step)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()
             step += 1
-            history.append(
-                {"step": step, "epoch": epoch, "lr": lr}
-                | {k: v.item() for k, v in terms._asdict().items()}
-            )
+            history.append({"step": step, "epoch": epoch, "lr": lr} | logged)
             bar.update(1)
-            bar.set_postfix(loss=f"{terms.total.item():.4f}")
-            if step % config.train.checkpoint_every == 0 and step < total_steps:
+            bar.set_postfix(loss=f"{logged['total']:.4f}")
+            if (
+                step % config.train.checkpoint_every == 0
+                and step < total_steps
+                and context.is_main
+            ):
                 elapsed = earlier + time.perf_counter() - started
                 save_checkpoint(
                     state_file,
@@ -241,9 +282,12 @@ def fit(
     bar.close()
 
     elapsed = earlier + time.perf_counter() - started
-    final = _state(model, optimizer, config, class_names, step, history, True, elapsed)
-    save_checkpoint(checkpoint, final | {"device": str(device)})
-    write_csv(losses_csv, history, LOSS_COLUMNS)
-    state_file.unlink(missing_ok=True)
-    log.info("wrote %s after %d steps in %.1f s", checkpoint, step, elapsed)
+    if context.is_main:
+        final = _state(model, optimizer, config, class_names, step, history, True, elapsed)
+        save_checkpoint(
+            checkpoint, final | {"device": str(device), "processes": context.world_size}
+        )
+        write_csv(losses_csv, history, LOSS_COLUMNS)
+        state_file.unlink(missing_ok=True)
+        log.info("wrote %s after %d steps in %.1f s", checkpoint, step, elapsed)
     return TrainResult(checkpoint, losses_csv, step, class_names, elapsed, resumed_from)

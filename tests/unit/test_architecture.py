@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mddnet"
 
 LAYERS: list[set[str]] = [
     {"mddnet", "mddnet.config", "mddnet.imagenet", "mddnet.seed", "mddnet.device"},
+    {"mddnet.distributed"},
     {"mddnet.io"},
     {"mddnet.metrics", "mddnet.data.layout", "mddnet.data.anomalies", "mddnet.data.synthetic"},
     {"mddnet.data.visa", "mddnet.data.datasets", "mddnet.data.prepare", "mddnet.data"},
