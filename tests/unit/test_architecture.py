@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     },
     {"mddnet.scoring", "mddnet.losses"},
     {"mddnet.train", "mddnet.evaluate", "mddnet.report", "mddnet.plots", "mddnet.pipeline"},
-    {"mddnet.predict", "mddnet.notebook", "mddnet.cli"},
+    {"mddnet.predict", "mddnet.export", "mddnet.notebook", "mddnet.cli"},
 ]
 # Extra rules of DESIGN.md beyond the layer order.
 FORBIDDEN = {
