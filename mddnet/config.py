@@ -148,6 +148,7 @@ class TrainConfig:
     loss_weights: LossWeights
     checkpoint_every: int = field(metadata=_min(1))
     device: str = field(metadata=_choices("auto", "cpu", "cuda"))
+    channels_last: bool
 
 
 @dataclass(frozen=True)

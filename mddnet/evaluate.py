@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from mddnet.config import Config, config_from_dict
 from mddnet.data.datasets import TestDataset
 from mddnet.data.layout import scan_dataset
-from mddnet.device import resolve_device
+from mddnet.device import memory_format, resolve_device
 from mddnet.io import load_checkpoint, write_bytes
 from mddnet.metrics import compute_per_class
 from mddnet.models import build_model
@@ -144,12 +144,13 @@ def predict(
     With `evaluate.class_source: label` the memory reads the true class (the paper's setting);
     with `predicted` it reads the class it predicts itself (label-free).
     """
-    model.eval().to(device)
+    layout = memory_format(config.train.channels_last)
+    model.eval().to(device, memory_format=layout)
     settings = config.evaluate
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False)
     parts: dict[str, list[Any]] = {k: [] for k in Predictions.__dataclass_fields__}
     for batch in tqdm(loader, desc="predict", disable=not progress, unit="batch"):
-        image = batch["image"].to(device)
+        image = batch["image"].to(device, memory_format=layout)
         class_ids = batch["class_id"].to(device)
         given = class_ids if settings.class_source == "label" else None
         output = model(image, given)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mddnet.data.datasets import transform_image
 from mddnet.data.layout import IMAGE_EXTENSIONS, DatasetError, load_image
-from mddnet.device import resolve_device
+from mddnet.device import memory_format, resolve_device
 from mddnet.evaluate import TrainedModel, load_trained_model
 from mddnet.io import atomic_open, write_csv
 from mddnet.scoring import anomaly_maps, image_scores
@@ -115,6 +115,8 @@ def predict_images(
     torch_device = resolve_device(device or "auto")
     trained = load_trained_model(checkpoint, torch_device)
     settings, size = trained.config.evaluate, trained.config.data.image_size
+    layout = memory_format(trained.config.train.channels_last)
+    trained.model.to(memory_format=layout)
     failures: list[tuple[Path, str]] = []
     results: list[tuple[Path, np.ndarray, float, str, str]] = []  # maps kept, images re-read
     for start in tqdm(
@@ -129,7 +131,9 @@ def predict_images(
                 log.warning("%s", err)
         if not loaded:
             continue
-        batch = torch.stack([transform_image(image, size) for _, image in loaded]).to(torch_device)
+        batch = torch.stack([transform_image(image, size) for _, image in loaded]).to(
+            torch_device, memory_format=layout
+        )
         given = _class_ids(trained, class_name, len(loaded))
         output = trained.model(batch, None if given is None else given.to(torch_device))
         maps = anomaly_maps(output, batch.shape[-2:], settings.fusion, settings.blur_sigma)
