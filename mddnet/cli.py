@@ -111,6 +111,14 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from mddnet.export import DEFAULT_OPSET, export_onnx
+
+    out = export_onnx(args.checkpoint, args.out, opset=args.opset or DEFAULT_OPSET)
+    print(f"wrote {out}")
+    return 0
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -190,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: auto)")
     p.set_defaults(func=_predict)
 
+    p = sub.add_parser(
+        "export-onnx",
+        help="export the inference graph (image -> anomaly map and score) to ONNX",
+        description="Export a checkpoint as ONNX with its own scoring settings. Inputs: image "
+        "(B, 3, S, S) ImageNet-normalised float32 and class_id (B,) int64, -1 for the class the "
+        "memory predicts. Outputs: anomaly_map (B, S, S), score (B,), read_class_id (B,). The "
+        "class names and image size are in the model's metadata.",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by `mddnet train`")
+    p.add_argument("out", help="ONNX file to write, e.g. mddnet.onnx")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    p.set_defaults(func=_export_onnx)
+
     p = sub.add_parser("show-config", help="print the validated params for a variant")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--variant", default=None, help="variant to apply (default: none)")
@@ -224,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: BaseException) -> str:
+    """The error's own message, without the traceback a DataLoader worker wraps around it.
+
+    An error raised in a worker (`data.num_workers` > 0) comes back as the same type whose
+    message is "Caught <type> in DataLoader worker ..." plus the whole traceback; the original
+    message is the traceback's last entry, `<module>.<type>: <message>`.
+    """
+    text = str(err)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    kind = type(err)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    _, found, original = text.rpartition(f"\n{name}: ")
+    return original.strip() if found else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     parser = build_parser()
@@ -236,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError) as err:
         # Errors of ours already name the file or key and the fix; a traceback adds nothing.
-        print(f"mddnet {args.command}: error: {err}", file=sys.stderr)
+        print(f"mddnet {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms.v2.functional import gaussian_blur as _torchvision_blur
 
 from mddnet.config import FusionConfig
 
@@ -72,18 +71,32 @@ def discrepancy_map(a: Sequence[Tensor], b: Sequence[Tensor], size: Sequence[int
     return torch.cat(maps, dim=1).sum(dim=1)  # (B, S, H, W) -> (B, H, W)
 
 
+def _gaussian_kernel(sigma: float, radius: int) -> Tensor:
+    """(k, k) normalised Gaussian weights, k = 2 radius + 1: the kernel torchvision builds.
+
+    Computed from Python floats, so an ONNX trace records it as a constant; torchvision makes
+    it from tensor ops whose shapes the ONNX exporter cannot infer for a convolution weight.
+    """
+    pdf = [math.exp(-0.5 * (x / sigma) ** 2) for x in range(-radius, radius + 1)]
+    total = sum(pdf)
+    line = [p / total for p in pdf]
+    return torch.tensor([[a * b for b in line] for a in line])  # (k, k)
+
+
 def blur(maps: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of (B, H, W) maps, kernel 2 * ceil(3 sigma) + 1; sigma 0 returns them as is.
 
     The blur smooths the blocky upsampled maps so that the image score is not one noisy pixel.
+    Every map is blurred on its own, with reflected borders (torchvision's gaussian_blur).
     """
     if sigma < 0:
         raise ValueError(f"evaluate.blur_sigma must be >= 0, got {sigma}")
     if sigma == 0:
         return maps
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    # torchvision blurs every (H, W) plane of a (..., H, W) tensor on its own.
-    return _torchvision_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    radius = math.ceil(3 * sigma)
+    kernel = _gaussian_kernel(sigma, radius).to(maps)[None, None]  # (1, 1, k, k)
+    padded = F.pad(maps.unsqueeze(1), [radius] * 4, mode="reflect")  # (B, 1, H + 2r, W + 2r)
+    return F.conv2d(padded, kernel).squeeze(1)  # (B, H, W)
 
 
 def anomaly_maps(

@@ -121,3 +121,14 @@ def test_image_scores_match_numpy_on_a_hand_case() -> None:
 def test_topk_larger_than_the_map_is_rejected() -> None:
     with pytest.raises(ValueError, match="evaluate.topk"):
         image_scores(torch.zeros(1, 2, 2), "topk_mean", 5)
+
+
+@pytest.mark.parametrize(("sigma", "size"), [(0.7, 9), (2.0, 32), (4.0, 64)])
+def test_blur_equals_torchvision_gaussian_blur(sigma: float, size: int) -> None:
+    """The library reference: our traceable blur (for ONNX) is torchvision's, up to rounding."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    maps = torch.rand(3, size, size, generator=torch.Generator().manual_seed(int(sigma * 10)))
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    expected = gaussian_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    torch.testing.assert_close(blur(maps, sigma), expected, atol=2e-6, rtol=1e-5)
