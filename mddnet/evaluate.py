@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mddnet.config import Config, config_from_dict
 from mddnet.data.datasets import TestDataset
@@ -88,9 +88,14 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
     try:
         model.load_state_dict(data["state_dict"])
     except RuntimeError as err:
+        # torch's first line is a header; the next names the first missing or mismatched keys.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
         raise ValueError(
             f"{checkpoint}: weights do not fit the model its config describes "
-            f"(backbone {config.model.backbone}): {str(err).splitlines()[0]}"
+            f"(backbone {config.model.backbone}; {detail[:150]}...); the file was edited or "
+            f"written by another mddnet version ({data.get('mddnet_version')}): retrain it with "
+            f"`mddnet train`"
         ) from err
     info = {k: data.get(k) for k in _CHECKPOINT_INFO}
     return TrainedModel(model.to(device).eval(), config, class_names, info)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -114,6 +115,19 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
         torch.save(data, handle)
 
 
+def _load_error_detail(err: Exception) -> str:
+    """The line of a `torch.load` error that says what is wrong with the file.
+
+    For a pickle that `weights_only=True` refuses, torch's first line advises retrying with
+    `weights_only=False`, which would run the code; the line before its closing pointer to the
+    docs names the refused global or opcode, and that is what the user needs.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, pickle.UnpicklingError) and len(lines) > 2:
+        return lines[-2]
+    return lines[0] if lines else "no detail"
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`; explain what is wrong if it is not one.
 
@@ -132,8 +146,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except Exception as err:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(
             f"{path}: not a loadable mddnet checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Files are read with "
-            f"weights_only=True, so pickled code is refused; retrain or pass the right file."
+            f"{_load_error_detail(err)}). Files are read with weights_only=True, so pickled "
+            f"code is refused; retrain or pass the right file."
         ) from err
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

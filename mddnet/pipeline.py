@@ -199,7 +199,8 @@ def render_pipeline(repo: Path, paths: PipelinePaths, wdir: str | None = None) -
                     "losses_csv": f"{res}/losses/${{item}}.csv",
                 },
             ),
-            "deps": _deps(repo, "train", [data_root]),
+            # the summary ties training to the prepare stage, which validates real data first
+            "deps": _deps(repo, "train", [data_root, prepare_outs[0]]),
             "params": [{p: ["seed", "data", "model", "train", "variants.${item}"]}],
             "outs": [
                 f"{paths.checkpoints}/${{item}}.pt",

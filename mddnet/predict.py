@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mddnet.data.datasets import transform_image
 from mddnet.data.layout import IMAGE_EXTENSIONS, DatasetError, load_image

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mddnet.config import Config, config_to_dict
 from mddnet.data.datasets import TrainDataset
@@ -34,7 +34,7 @@ from mddnet.models import build_model
 from mddnet.models.mddnet import MDDNet
 from mddnet.seed import seed_everything
 
-__all__ = ["LOSS_COLUMNS", "TrainResult", "fit", "resume_path"]
+__all__ = ["LOSS_COLUMNS", "TrainResult", "fit", "make_optimizer", "resume_path", "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,42 @@ def _logged(terms: LossTerms, context: Context) -> dict[str, float]:
     return dict(zip(LossTerms._fields, values.tolist(), strict=True))
 
 
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (the teacher is frozen), as `train` configures it."""
+    return torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.train.lr,
+        betas=config.train.betas,
+        weight_decay=config.train.weight_decay,
+    )
+
+
+def train_step(
+    network: torch.nn.Module,
+    teacher: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    config: Config,
+) -> LossTerms:
+    """One optimisation step on a batch already on the device: F_n = T(x_n), the model on x_a,
+    every loss term, backward and the optimizer step. Returns the (unreduced) terms."""
+    with torch.no_grad():
+        teacher_normal = teacher(batch["normal"])
+    terms = compute_losses(
+        network(batch["anomalous"], batch["class_id"]),
+        teacher_normal,
+        batch["mask"],
+        batch["class_id"],
+        config.train.loss_weights,
+        config.train.cosine,
+        config.train.discrepancy_reduction,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    optimizer.step()
+    return terms
+
+
 def fit(
     config: Config,
     checkpoint: str | Path,
@@ -193,13 +229,7 @@ def fit(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,  # an ablation may leave a module without gradient
         )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        trainable,
-        lr=config.train.lr,
-        betas=config.train.betas,
-        weight_decay=config.train.weight_decay,
-    )
+    optimizer = make_optimizer(model, config)
     steps_per_epoch = len(_epoch_batches(len(dataset), config.train.batch_size, config.seed, 0))
     total_steps = steps_per_epoch * config.train.epochs
 
@@ -244,26 +274,15 @@ def fit(
             lr = config.train.lr * _lr_factor(step, steps_per_epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            normal = batch["normal"].to(device, memory_format=layout)
-            anomalous = batch["anomalous"].to(device, memory_format=layout)
-            mask = batch["mask"].to(device)
-            class_ids = batch["class_id"].to(device)
-            with torch.no_grad():
-                teacher_normal = model.teacher(normal)
-            terms = compute_losses(
-                network(anomalous, class_ids),
-                teacher_normal,
-                mask,
-                class_ids,
-                config.train.loss_weights,
-                config.train.cosine,
-                config.train.discrepancy_reduction,
-            )
+            on_device = {
+                "normal": batch["normal"].to(device, memory_format=layout),
+                "anomalous": batch["anomalous"].to(device, memory_format=layout),
+                "mask": batch["mask"].to(device),
+                "class_id": batch["class_id"].to(device),
+            }
+            terms = train_step(network, model.teacher, optimizer, on_device, config)
             logged = _logged(terms, context)
-            _check_finite(logged, step)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            optimizer.step()
+            _check_finite(logged, step)  # stops before a non-finite step is saved anywhere
             step += 1
             history.append({"step": step, "epoch": epoch, "lr": lr} | logged)
             bar.update(1)

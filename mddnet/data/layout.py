@@ -54,8 +54,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask.png"
 GOOD = "good"
 _LAYOUT_FOLDERS = ("train", "test", "ground_truth")
-# What PIL raises on missing, empty, foreign or truncated files.
-_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# What PIL raises on missing, empty, foreign or truncated files, and on headers claiming more
+# pixels than Image.MAX_IMAGE_PIXELS (its decompression-bomb guard, not an OSError).
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):

@@ -1,0 +1,451 @@
+"""Throughput and peak memory of MDD-Net and its ablations, against the frozen teacher alone.
+
+Measures, per variant of `params.yaml` (e.g. rd_baseline, drd_net, mddnet):
+
+- inference: model forward + both anomaly maps (upsampling, fusion, blur) + image scores, in eval
+  mode under `torch.no_grad()`, the work `mddnet.evaluate.predict` does per batch;
+- training: one full step as in `mddnet.train.fit` (teacher on x_n, model on x_a, all loss terms,
+  backward, Adam step); data loading and anomaly synthesis are not included;
+- the teacher's forward alone, timed in turn with each inference batch, which is the lower bound
+  of any reverse-distillation model's inference time: the ratio inference / teacher shows what
+  the bottleneck, decoders, memory and scoring add.
+
+Inputs are random tensors of the right shapes (images ~ N(0, 1), i.e. ImageNet-normalised scale;
+masks with ~10% anomalous pixels; random class ids): the work done does not depend on content.
+The teacher is built without loading weights (random init) for the same reason, so no weight file
+is needed. `train.channels_last` is respected as in training and evaluation.
+
+Every (variant, mode) runs in a fresh spawned process, so one measurement's allocator caches and
+peak memory cannot leak into the next. Peak memory:
+
+- CPU: the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs once the
+  model, optimizer and inputs exist) minus the resident set at that moment: the extra memory the
+  measured steps (warmup included) needed at their peak, activations, gradients, Adam state and
+  allocator caches included. None where /proc/self/clear_refs is missing (not Linux).
+- CUDA: torch.cuda.max_memory_allocated over the same steps minus memory_allocated before them.
+
+Times are per batch; the report gives the median over the timed batches and their spread (min,
+max, quartiles), and images/s = batch size / time. The load average before and after the run is
+recorded, since other processes sharing the cores slow every number down.
+
+Usage (one command line):
+    python benchmarks/throughput.py --params params.yaml --variants rd_baseline drd_net mddnet
+        --image-size 256 --batch-size 8 --steps 10 --warmup 2 --device auto
+        --out results/benchmarks/cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import multiprocessing
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mddnet.config import Config, load_config
+from mddnet.device import memory_format, resolve_device
+from mddnet.io import write_json, write_text
+from mddnet.models import build_model
+from mddnet.models.mddnet import MDDNet
+from mddnet.scoring import anomaly_maps, image_scores
+from mddnet.train import make_optimizer, train_step
+
+log = logging.getLogger(__name__)
+
+MODES = ("inference", "train")
+MASK_FRACTION = 0.1  # anomalous pixels in the random training masks
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is measured, shared by every variant."""
+
+    image_size: int
+    batch_size: int
+    steps: int  # timed batches
+    warmup: int  # untimed batches before them
+    device: str  # auto | cpu | cuda
+    num_classes: int  # classes the memory holds prototypes for
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Spread of the seconds per batch over the timed batches."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Timing:
+        """Quartiles by numpy's linear interpolation; robust to a few disturbed batches."""
+        q1, median, q3 = np.percentile(seconds, [25, 50, 75])
+        return cls(float(median), float(q1), float(q3), float(min(seconds)), float(max(seconds)))
+
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """Memory before the measured steps and at their peak, in bytes (see the module docstring)."""
+
+    method: str
+    baseline_bytes: int
+    peak_bytes: int
+    extra_bytes: int  # peak - baseline: what the steps needed beyond model and inputs
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One variant in one mode; `teacher_seconds` and the ratio only for inference."""
+
+    variant: str
+    mode: str
+    seconds: Timing  # per batch
+    images_per_s: float  # at the median time
+    images_per_s_min: float  # at the slowest batch
+    images_per_s_max: float  # at the fastest batch
+    memory: MemoryPeak | None
+    teacher_seconds: Timing | None
+    inference_to_teacher: float | None  # median inference time / median teacher time
+    torch_threads: int
+
+
+class _PeakTracker:
+    """Resets the device's peak-memory counter and reads it back after the measured steps."""
+
+    _CLEAR_REFS = Path("/proc/self/clear_refs")
+    _STATUS = Path("/proc/self/status")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline: int | None = None
+
+    def _status_bytes(self, key: str) -> int:
+        for line in self._STATUS.read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+        raise ValueError(f"{self._STATUS}: no {key} line; peak memory needs Linux procfs")
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        elif self._CLEAR_REFS.exists():
+            self._CLEAR_REFS.write_text("5")  # Linux: VmHWM := current VmRSS
+            self.baseline = self._status_bytes("VmRSS")
+        else:
+            log.warning("%s is missing: CPU peak memory is not measured", self._CLEAR_REFS)
+
+    def read(self) -> MemoryPeak | None:
+        if self.baseline is None:
+            return None
+        if self.device.type == "cuda":
+            method = "torch.cuda.max_memory_allocated"
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            method = "process VmHWM (peak resident set) after /proc/self/clear_refs"
+            peak = self._status_bytes("VmHWM")
+        return MemoryPeak(method, self.baseline, peak, peak - self.baseline)
+
+
+def time_calls(
+    calls: Sequence[Callable[[], object]], warmup: int, steps: int, device: torch.device
+) -> list[list[float]]:
+    """Seconds of each call in each of `steps` rounds, after `warmup` untimed rounds.
+
+    The calls run in turn within a round, so a load change from other processes hits all of them
+    alike and their ratio stays fair. CUDA is synchronised around each call.
+    """
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    seconds: list[list[float]] = [[] for _ in calls]
+    for _ in range(steps):
+        for call, record in zip(calls, seconds, strict=True):
+            sync()
+            started = time.perf_counter()
+            call()
+            sync()
+            record.append(time.perf_counter() - started)
+    return seconds
+
+
+def _inference_call(
+    model: MDDNet, config: Config, image: torch.Tensor, class_ids: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """What `mddnet.evaluate.predict` computes for one batch (without copying maps to numpy)."""
+    given = class_ids if config.evaluate.class_source == "label" else None
+    settings = config.evaluate
+
+    @torch.no_grad()
+    def infer() -> torch.Tensor:
+        output = model(image, given)
+        maps = anomaly_maps(output, image.shape[-2:], settings.fusion, settings.blur_sigma)
+        return image_scores(maps.fused, settings.image_score, settings.topk)  # (B,)
+
+    return infer
+
+
+def _train_call(
+    model: MDDNet, config: Config, images: torch.Tensor, class_ids: torch.Tensor, seed: int
+) -> Callable[[], None]:
+    """One step of `mddnet.train.fit` on fixed random x_n, x_a and mask M."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    anomalous = torch.randn(images.shape, generator=generator).to(
+        images.device, memory_format=memory_format(config.train.channels_last)
+    )  # (B, 3, H, W)
+    mask = torch.rand(images.shape[0], 1, *images.shape[-2:], generator=generator) < MASK_FRACTION
+    mask = mask.float().to(images.device)  # (B, 1, H, W)
+    optimizer = make_optimizer(model, config)
+    batch = {"normal": images, "anomalous": anomalous, "mask": mask, "class_id": class_ids}
+
+    def step() -> None:
+        train_step(model, model.teacher, optimizer, batch, config)
+
+    return step
+
+
+def measure(
+    params: str | Path,
+    variant: str,
+    mode: str,
+    settings: Settings,
+    overrides: dict[str, Any] | None = None,
+) -> Measurement:
+    """Time `mode` (inference or train) of one variant in this process; see `measure_isolated`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    config = load_config(params, variant, overrides)
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    layout = memory_format(config.train.channels_last)
+    # Weights do not change the work done; skipping them needs no weight file.
+    model = build_model(config.model, settings.num_classes, pretrained=False)
+    model = model.to(device, memory_format=layout)
+    stride = 2 * model.teacher.reductions[-1]  # the bottleneck halves the deepest teacher scale
+    if settings.image_size % stride:
+        raise ValueError(
+            f"--image-size {settings.image_size} is not a multiple of {stride}, the bottleneck "
+            f"stride of {config.model.backbone} at model.stages {list(config.model.stages)}; "
+            f"pick a multiple of {stride}"
+        )
+    generator = torch.Generator().manual_seed(settings.seed)
+    shape = (settings.batch_size, 3, settings.image_size, settings.image_size)
+    images = torch.randn(shape, generator=generator).to(device, memory_format=layout)
+    class_ids = torch.randint(settings.num_classes, (settings.batch_size,), generator=generator)
+    class_ids = class_ids.to(device)
+
+    tracker = _PeakTracker(device)
+    if mode == "inference":
+        model.eval()
+        infer = _inference_call(model, config, images, class_ids)
+        tracker.reset()
+        model_s, teacher_s = time_calls(
+            [infer, lambda: model.teacher(images)], settings.warmup, settings.steps, device
+        )
+        teacher = Timing.of(teacher_s)
+    else:
+        model.train()
+        step = _train_call(model, config, images, class_ids, settings.seed)
+        tracker.reset()  # after the optimizer exists; its state is allocated by the first step
+        (model_s,) = time_calls([step], settings.warmup, settings.steps, device)
+        teacher = None
+    memory = tracker.read()
+    seconds = Timing.of(model_s)
+    batch = settings.batch_size
+    return Measurement(
+        variant=variant,
+        mode=mode,
+        seconds=seconds,
+        images_per_s=batch / seconds.median,
+        images_per_s_min=batch / seconds.max,
+        images_per_s_max=batch / seconds.min,
+        memory=memory,
+        teacher_seconds=teacher,
+        inference_to_teacher=None if teacher is None else seconds.median / teacher.median,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def measure_isolated(
+    params: str | Path,
+    variant: str,
+    mode: str,
+    settings: Settings,
+    overrides: dict[str, Any] | None = None,
+) -> Measurement:
+    """`measure` in a fresh spawned process, so earlier measurements leave no memory behind."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure, str(params), variant, mode, settings, overrides).result()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: processor, cores, threads, accelerator, versions."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else cpu_model(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def run_benchmark(
+    params: str | Path,
+    variants: Sequence[str],
+    settings: Settings,
+    *,
+    isolated: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure every variant in both modes; the JSON-ready report with machine and load.
+
+    `isolated=False` measures in this process (fast, for tests; memory numbers then include what
+    earlier measurements left in the allocator).
+    """
+    run = measure_isolated if isolated else measure
+    config = load_config(params, overrides=overrides)
+    unknown = [v for v in variants if v not in config.variants]
+    if unknown:
+        raise ValueError(
+            f"{params}: unknown variant {unknown[0]!r}; pick from {', '.join(config.variants)}"
+        )
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for variant in variants:
+        results[variant] = {"label": config.variants[variant].label}
+        for mode in MODES:
+            log.info("measuring %s %s", variant, mode)
+            measured = run(params, variant, mode, settings, overrides)
+            results[variant][mode] = dataclasses.asdict(measured)
+    return {
+        "machine": machine_info(resolve_device(settings.device)),
+        "settings": dataclasses.asdict(settings) | {"params": str(params)},
+        "inputs": "random tensors of the right shapes; random-init teacher (content-independent)",
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "wall_time_s": time.perf_counter() - started,
+        "variants": results,
+    }
+
+
+def _rate(mode: dict[str, Any]) -> str:
+    return (
+        f"{mode['images_per_s']:.1f} ({mode['images_per_s_min']:.1f}-"
+        f"{mode['images_per_s_max']:.1f})"
+    )
+
+
+def _mib(mode: dict[str, Any]) -> str:
+    memory = mode["memory"]
+    return "n/a" if memory is None else f"{memory['extra_bytes'] / MIB:.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A caption that says what was measured and where, and one row per variant."""
+    rows = [
+        {
+            "Variant": name,
+            "Inference img/s": _rate(result["inference"]),
+            "Train img/s": _rate(result["train"]),
+            "Inference / teacher time": f"{result['inference']['inference_to_teacher']:.2f}",
+            "Inference peak extra MiB": _mib(result["inference"]),
+            "Train peak extra MiB": _mib(result["train"]),
+        }
+        for name, result in report["variants"].items()
+    ]
+    settings, machine = report["settings"], report["machine"]
+    load = report["load_average_before"][0], report["load_average_after"][0]
+    caption = (
+        f"Throughput at {settings['image_size']} px, batch {settings['batch_size']}, on "
+        f"{machine['device_name']} ({machine['device']}, {machine['cpu_count']} CPUs, "
+        f"{machine['torch_threads']} torch threads, torch {machine['torch']}); median of "
+        f"{settings['steps']} timed batches after {settings['warmup']} warmup, range in "
+        f"parentheses (slowest-fastest batch). Inference = forward + anomaly maps + image "
+        f"scores; train = one full step with Adam. Peak extra memory = peak beyond model and "
+        f"inputs ({_memory_method(report)}). Random inputs; 1-minute load average "
+        f"{load[0]:.2f} before, {load[1]:.2f} after."
+    )
+    return f"{caption}\n\n{pd.DataFrame(rows).to_markdown(index=False)}\n"
+
+
+def _memory_method(report: dict[str, Any]) -> str:
+    for result in report["variants"].values():
+        if result["inference"]["memory"] is not None:
+            return result["inference"]["memory"]["method"]
+    return "not measured"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variants", nargs="+", default=["rd_baseline", "drd_net", "mddnet"])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed batches per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before them")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--num-classes", type=int, default=15, help="classes in the memory (MVTec AD: 15)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/benchmarks/cpu", help="writes <out>.json/.md")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.num_classes < 1:
+        parser.error("--steps, --batch-size and --num-classes must be >= 1, --warmup >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = Settings(
+        args.image_size,
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.device,
+        args.num_classes,
+        args.seed,
+    )
+    report = run_benchmark(args.params, args.variants, settings)
+    write_json(f"{args.out}.json", report)
+    table = markdown(report)
+    write_text(f"{args.out}.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
