@@ -54,11 +54,11 @@ import pandas as pd
 import torch
 
 from mddnet.config import Config, load_config
-from mddnet.device import memory_format, resolve_device
+from mddnet.device import autocast, memory_format, resolve_device
+from mddnet.evaluate import score_batch
 from mddnet.io import write_json, write_text
 from mddnet.models import build_model
 from mddnet.models.mddnet import MDDNet
-from mddnet.scoring import anomaly_maps, image_scores
 from mddnet.train import make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -195,13 +195,10 @@ def _inference_call(
 ) -> Callable[[], torch.Tensor]:
     """What `mddnet.evaluate.predict` computes for one batch (without copying maps to numpy)."""
     given = class_ids if config.evaluate.class_source == "label" else None
-    settings = config.evaluate
 
     @torch.no_grad()
     def infer() -> torch.Tensor:
-        output = model(image, given)
-        maps = anomaly_maps(output, image.shape[-2:], settings.fusion, settings.blur_sigma)
-        return image_scores(maps.fused, settings.image_score, settings.topk)  # (B,)
+        return score_batch(model, image, given, config)[2]  # (B,)
 
     return infer
 
@@ -259,9 +256,15 @@ def measure(
     if mode == "inference":
         model.eval()
         infer = _inference_call(model, config, images, class_ids)
+
+        @torch.no_grad()
+        def teacher_call() -> None:
+            with autocast(device, config.train.precision):
+                model.teacher(images)
+
         tracker.reset()
         model_s, teacher_s = time_calls(
-            [infer, lambda: model.teacher(images)], settings.warmup, settings.steps, device
+            [infer, teacher_call], settings.warmup, settings.steps, device
         )
         teacher = Timing.of(teacher_s)
     else:
@@ -403,7 +406,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"inputs ({_memory_method(report)}). Random inputs; 1-minute load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after."
     )
-    return f"{caption}\n\n{pd.DataFrame(rows).to_markdown(index=False)}\n"
+    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # keep "5.20"
+    return f"{caption}\n\n{table}\n"
 
 
 def _memory_method(report: dict[str, Any]) -> str:

@@ -149,6 +149,7 @@ class TrainConfig:
     checkpoint_every: int = field(metadata=_min(1))
     device: str = field(metadata=_choices("auto", "cpu", "cuda"))
     channels_last: bool
+    precision: str = field(metadata=_choices("fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)

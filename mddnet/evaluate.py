@@ -25,12 +25,12 @@ from tqdm import tqdm
 from mddnet.config import Config, config_from_dict
 from mddnet.data.datasets import TestDataset
 from mddnet.data.layout import scan_dataset
-from mddnet.device import memory_format, resolve_device
+from mddnet.device import autocast, memory_format, resolve_device
 from mddnet.io import load_checkpoint, write_bytes
 from mddnet.metrics import compute_per_class
 from mddnet.models import build_model
-from mddnet.models.mddnet import MDDNet
-from mddnet.scoring import anomaly_maps, image_scores
+from mddnet.models.mddnet import MDDNet, MDDNetOutput
+from mddnet.scoring import AnomalyMaps, anomaly_maps, image_scores
 
 __all__ = [
     "EvaluationRun",
@@ -136,6 +136,19 @@ def _half(maps: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def score_batch(
+    model: MDDNet, image: torch.Tensor, given: torch.Tensor | None, config: Config
+) -> tuple[MDDNetOutput, AnomalyMaps, torch.Tensor]:
+    """The model's pass on a batch under `train.precision`, its anomaly maps and image scores
+    (B,) with the `evaluate` settings: the one inference path of evaluation and prediction."""
+    settings = config.evaluate
+    with autocast(image.device, config.train.precision):
+        output = model(image, given)
+    maps = anomaly_maps(output, image.shape[-2:], settings.fusion, settings.blur_sigma)
+    return output, maps, image_scores(maps.fused, settings.image_score, settings.topk)
+
+
+@torch.no_grad()
 def predict(
     model: MDDNet,
     dataset: TestDataset,
@@ -158,11 +171,8 @@ def predict(
         image = batch["image"].to(device, memory_format=layout)
         class_ids = batch["class_id"].to(device)
         given = class_ids if settings.class_source == "label" else None
-        output = model(image, given)
-        maps = anomaly_maps(output, image.shape[-2:], settings.fusion, settings.blur_sigma)
-        parts["scores"].append(
-            image_scores(maps.fused, settings.image_score, settings.topk).double().cpu().numpy()
-        )
+        output, maps, scores = score_batch(model, image, given, config)
+        parts["scores"].append(scores.double().cpu().numpy())
         parts["maps"].append(_half(maps.fused, maps.fused))
         parts["teacher_restoration"].append(_half(maps.teacher_restoration, maps.fused))
         parts["restoration_identity"].append(_half(maps.restoration_identity, maps.fused))

@@ -56,7 +56,7 @@ def _scale_pairs(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[tuple[Tensor,
             f"the decoders mirror the teacher only when the image size is a multiple of the "
             f"bottleneck stride (2 x the deepest teacher stride)"
         )
-    return list(zip(a, b, strict=True))
+    return [(x.float(), y.float()) for x, y in zip(a, b, strict=True)]  # fp32 under autocast
 
 
 def feature_cosine_loss(
@@ -160,7 +160,7 @@ def compute_losses(
     _require(weights.identity, has_identity, "identity", "identity decoder")
     _require(weights.discrepancy, has_identity, "discrepancy", "identity decoder")
     _require(weights.memory, output.memory_logits is not None, "memory", "memory")
-    zero = output.restoration[0].new_zeros(())
+    zero = output.restoration[0].new_zeros((), dtype=torch.float32)
     restoration = identity = discrepancy = memory = zero
     if weights.restoration > 0:
         restoration = feature_cosine_loss(output.restoration, teacher_normal, cosine)
@@ -171,7 +171,7 @@ def compute_losses(
             output.restoration, output.identity, mask, discrepancy_reduction
         )
     if weights.memory > 0:
-        memory = F.cross_entropy(output.memory_logits, class_ids)
+        memory = F.cross_entropy(output.memory_logits.float(), class_ids)
     total = (
         weights.restoration * restoration
         + weights.identity * identity

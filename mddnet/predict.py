@@ -21,9 +21,8 @@ from tqdm import tqdm
 from mddnet.data.datasets import transform_image
 from mddnet.data.layout import IMAGE_EXTENSIONS, DatasetError, load_image
 from mddnet.device import memory_format, resolve_device
-from mddnet.evaluate import TrainedModel, load_trained_model
+from mddnet.evaluate import TrainedModel, load_trained_model, score_batch
 from mddnet.io import atomic_open, write_csv
-from mddnet.scoring import anomaly_maps, image_scores
 
 __all__ = ["PredictionRun", "collect_images", "predict_images", "save_overlay"]
 
@@ -135,9 +134,8 @@ def predict_images(
             torch_device, memory_format=layout
         )
         given = _class_ids(trained, class_name, len(loaded))
-        output = trained.model(batch, None if given is None else given.to(torch_device))
-        maps = anomaly_maps(output, batch.shape[-2:], settings.fusion, settings.blur_sigma)
-        scores = image_scores(maps.fused, settings.image_score, settings.topk)
+        given = None if given is None else given.to(torch_device)
+        output, maps, scores = score_batch(trained.model, batch, given, trained.config)
         for i, (path, _) in enumerate(loaded):
             if output.class_ids is None:
                 label, source = "", "not used (no memory)"

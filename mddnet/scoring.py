@@ -50,7 +50,7 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
             f"feature maps differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}: the decoder "
             f"mirrors the teacher only when the image size is a multiple of the bottleneck stride"
         )
-    return 1.0 - F.cosine_similarity(a, b, dim=1)
+    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1)  # fp32 under autocast too
 
 
 def discrepancy_map(a: Sequence[Tensor], b: Sequence[Tensor], size: Sequence[int]) -> Tensor:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mddnet.config import Config, config_to_dict
 from mddnet.data.datasets import TrainDataset
 from mddnet.data.layout import Sample, scan_dataset
-from mddnet.device import memory_format, resolve_device
+from mddnet.device import autocast, grad_scaler, memory_format, resolve_device
 from mddnet.distributed import Context, convert_batch_norm, init_from_environment
 from mddnet.io import load_checkpoint, save_checkpoint, write_csv
 from mddnet.losses import LossTerms, compute_losses
@@ -100,6 +100,7 @@ def _check_finite(values: dict[str, float], step: int) -> None:
 def _state(
     model: MDDNet,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     config: Config,
     class_names: Sequence[str],
     step: int,
@@ -119,6 +120,7 @@ def _state(
     }
     if not complete:
         payload["optimizer"] = optimizer.state_dict()
+        payload["scaler"] = scaler.state_dict()  # {} when disabled
     return payload
 
 
@@ -163,13 +165,22 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     config: Config,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> LossTerms:
     """One optimisation step on a batch already on the device: F_n = T(x_n), the model on x_a,
-    every loss term, backward and the optimizer step. Returns the (unreduced) terms."""
-    with torch.no_grad():
-        teacher_normal = teacher(batch["normal"])
+    every loss term, backward and the optimizer step. Returns the (unreduced) terms.
+
+    The forward passes run under `train.precision` autocast, the losses in fp32; `scaler`
+    (from `device.grad_scaler`) scales the loss for fp16 and is a no-op otherwise.
+    """
+    device = batch["anomalous"].device
+    scaler = scaler or grad_scaler(device, config.train.precision)
+    with autocast(device, config.train.precision):
+        with torch.no_grad():
+            teacher_normal = teacher(batch["normal"])
+        output = network(batch["anomalous"], batch["class_id"])
     terms = compute_losses(
-        network(batch["anomalous"], batch["class_id"]),
+        output,
         teacher_normal,
         batch["mask"],
         batch["class_id"],
@@ -178,8 +189,9 @@ def train_step(
         config.train.discrepancy_reduction,
     )
     optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    optimizer.step()
+    scaler.scale(terms.total).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return terms
 
 
@@ -230,6 +242,7 @@ def fit(
             find_unused_parameters=True,  # an ablation may leave a module without gradient
         )
     optimizer = make_optimizer(model, config)
+    scaler = grad_scaler(device, config.train.precision)
     steps_per_epoch = len(_epoch_batches(len(dataset), config.train.batch_size, config.seed, 0))
     total_steps = steps_per_epoch * config.train.epochs
 
@@ -244,6 +257,7 @@ def fit(
             )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         step, history, earlier = state["step"], state["losses"], state["train_wall_time_s"]
         log.info("resuming %s from step %d of %d", checkpoint, step, total_steps)
     resumed_from = step
@@ -280,7 +294,7 @@ def fit(
                 "mask": batch["mask"].to(device),
                 "class_id": batch["class_id"].to(device),
             }
-            terms = train_step(network, model.teacher, optimizer, on_device, config)
+            terms = train_step(network, model.teacher, optimizer, on_device, config, scaler)
             logged = _logged(terms, context)
             _check_finite(logged, step)  # stops before a non-finite step is saved anywhere
             step += 1
@@ -295,14 +309,24 @@ def fit(
                 elapsed = earlier + time.perf_counter() - started
                 save_checkpoint(
                     state_file,
-                    _state(model, optimizer, config, class_names, step, history, False, elapsed),
+                    _state(
+                        model,
+                        optimizer,
+                        scaler,
+                        config,
+                        class_names,
+                        step,
+                        history,
+                        False,
+                        elapsed,
+                    ),
                 )
                 write_csv(losses_csv, history, LOSS_COLUMNS)
     bar.close()
 
     elapsed = earlier + time.perf_counter() - started
     if context.is_main:
-        final = _state(model, optimizer, config, class_names, step, history, True, elapsed)
+        final = _state(model, optimizer, scaler, config, class_names, step, history, True, elapsed)
         save_checkpoint(
             checkpoint, final | {"device": str(device), "processes": context.world_size}
         )
