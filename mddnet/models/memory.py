@@ -72,9 +72,14 @@ class ClassAwareMemory(nn.Module):
             class_ids = logits.argmax(dim=1)  # (B,) the label-free option
         else:
             self._check_class_ids(class_ids, b)
-        own = cosine[torch.arange(b, device=z.device), class_ids]  # (B, N, K) read class only
+        # Select the read class with a one-hot product, not indexing: the backward of indexing
+        # with repeated classes accumulates in a thread-dependent order on CPU, which made two
+        # runs with the same seed differ; a matrix product's backward is deterministic.
+        select = F.one_hot(class_ids, self.num_classes).to(cosine.dtype)  # (B, C)
+        own = torch.einsum("bc,bcnk->bnk", select, cosine)  # (B, N, K) read class only
         attention = torch.softmax(own / self.temperature, dim=-1)  # (B, N, K)
-        read = attention @ self.prototypes[class_ids]  # (B, N, K) @ (B, K, D) -> (B, N, D)
+        own_prototypes = torch.einsum("bc,ckd->bkd", select, self.prototypes)  # (B, K, D)
+        read = attention @ own_prototypes  # (B, N, K) @ (B, K, D) -> (B, N, D)
         read = read.transpose(1, 2).reshape(b, d, h, w)  # (B, D, h, w)
         readout = read if self.mode == "replace" else z + read
         return MemoryRead(readout, logits, class_ids)

@@ -196,6 +196,35 @@ def test_same_seed_gives_identical_weights_after_three_steps(
     )
 
 
+def test_gradients_are_bit_identical_on_every_repeat_at_training_size(params_path: Path) -> None:
+    """The tiny test above runs single-threaded kernels; at the default's size (batch 16, 128 px,
+    classes repeated in the batch) torch's CPU ops run on several threads. The memory's class
+    selection by indexing accumulated its gradients in a thread-dependent order there (3
+    distinct gradient sets in 10 repeats); as a one-hot product it is deterministic."""
+    config = _config(
+        params_path, memory=dataclasses.replace(load_config(params_path).model.memory)
+    )
+    torch.manual_seed(0)
+    model = build_model(config, 6).train()
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(16, 3, 128, 128, generator=g)
+    anomalous = normal + torch.randn(16, 3, 128, 128, generator=g)
+    mask = (torch.rand(16, 1, 128, 128, generator=g) > 0.8).float()
+    class_ids = torch.arange(16) % 6
+    with torch.no_grad():
+        teacher_normal = model.teacher(normal)
+    gradients = set()
+    for _ in range(10):
+        model.zero_grad()
+        output = model(anomalous, class_ids)
+        compute_losses(
+            output, teacher_normal, mask, class_ids, WEIGHTS, "flatten"
+        ).total.backward()
+        grads = [p.grad.numpy().tobytes() for p in model.parameters() if p.grad is not None]
+        gradients.add(b"".join(grads))
+    assert len(gradients) == 1
+
+
 def test_non_consecutive_stages_are_rejected_naming_the_param(params_path: Path) -> None:
     with pytest.raises(ValueError, match="model.stages"):
         build_model(_config(params_path, stages=(1, 3)), NUM_CLASSES)
