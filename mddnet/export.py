@@ -76,10 +76,14 @@ class _PerImageClassMemory(nn.Module):
     def __init__(self, memory: ClassAwareMemory) -> None:
         super().__init__()
         self.memory = memory
+        self.register_buffer("known", torch.arange(memory.num_classes), persistent=False)
 
     def forward(self, z: Tensor, class_ids: Tensor) -> MemoryRead:
         predicted = self.memory(z).class_ids  # (B,)
-        return self.memory(z, torch.where(class_ids < 0, predicted, class_ids))
+        merged = torch.where(class_ids < 0, predicted, class_ids)
+        # The memory selects its class by a one-hot product, which would read zeros for an id
+        # beyond the known classes; this Gather (values unchanged) makes onnxruntime refuse it.
+        return self.memory(z, self.known[merged])
 
 
 class InferenceGraph(nn.Module):

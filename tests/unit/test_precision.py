@@ -45,11 +45,12 @@ def _first_steps(config: Config, steps: int = 2) -> list[torch.Tensor]:
     model = build_model(config.model, CLASSES).train()
     optimizer = make_optimizer(model, config)
     scaler = grad_scaler(torch.device("cpu"), config.train.precision)
-    terms = [
-        torch.stack(train_step(model, model.teacher, optimizer, _batch(s), config, scaler)).detach()
-        for s in range(steps)
+    return [
+        torch.stack(
+            train_step(model, model.teacher, optimizer, _batch(i), config, scaler)
+        ).detach()
+        for i in range(steps)
     ]
-    return terms
 
 
 def test_fp32_is_autocast_off_and_bit_identical(params_path: Path) -> None:
