@@ -15,14 +15,16 @@ masks with ~10% anomalous pixels; random class ids): the work done does not depe
 The teacher is built without loading weights (random init) for the same reason, so no weight file
 is needed. `train.channels_last` is respected as in training and evaluation.
 
-Every (variant, mode) runs in a fresh spawned process, so one measurement's allocator caches and
-peak memory cannot leak into the next. Peak memory:
+Every (variant, mode) runs in a fresh spawned process, so one measurement's allocator caches cannot
+leak into the next. Peak memory is the allocator's own account of ONE extra step run after the
+timed ones (so profiling does not slow the timed steps), counted from zero at the step's start:
 
-- CPU: the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs once the
-  model, optimizer and inputs exist) minus the resident set at that moment: the extra memory the
-  measured steps (warmup included) needed at their peak, activations, gradients, Adam state and
-  allocator caches included. None where /proc/self/clear_refs is missing (not Linux).
-- CUDA: torch.cuda.max_memory_allocated over the same steps minus memory_allocated before them.
+- CPU: torch's profiler records every CPU tensor allocation and free of the step with its size;
+  the peak of their running sum is the most memory the step held beyond what existed before it
+  (activations, gradients, temporary buffers; Adam's state exists already after the warmup). It
+  cannot be negative and does not depend on what ran before in the process, unlike the resident
+  set, which also moves with the C allocator's caching and the kernel's lazy RSS accounting.
+- CUDA: torch.cuda.max_memory_allocated over the step minus memory_allocated before it.
 
 Times are per batch; the report gives the median over the timed batches and their spread (min,
 max, quartiles), and images/s = batch size / time. The load average before and after the run is
@@ -100,12 +102,10 @@ class Timing:
 
 @dataclass(frozen=True)
 class MemoryPeak:
-    """Memory before the measured steps and at their peak, in bytes (see the module docstring)."""
+    """The most memory one step held beyond what existed before it (see the module docstring)."""
 
     method: str
-    baseline_bytes: int
-    peak_bytes: int
-    extra_bytes: int  # peak - baseline: what the steps needed beyond model and inputs
+    extra_bytes: int  # >= 0 by construction: the running sum starts at 0 at the step's start
 
 
 @dataclass(frozen=True)
@@ -118,49 +118,44 @@ class Measurement:
     images_per_s: float  # at the median time
     images_per_s_min: float  # at the slowest batch
     images_per_s_max: float  # at the fastest batch
-    memory: MemoryPeak | None
+    memory: MemoryPeak
     teacher_seconds: Timing | None
     inference_to_teacher: float | None  # median inference time / median teacher time
     torch_threads: int
 
 
-class _PeakTracker:
-    """Resets the device's peak-memory counter and reads it back after the measured steps."""
+def _cpu_peak_bytes(call: Callable[[], object]) -> int:
+    """Peak of the live CPU tensor bytes that `call` allocated, from torch's profiler events."""
+    from torch.profiler import ProfilerActivity, profile
 
-    _CLEAR_REFS = Path("/proc/self/clear_refs")
-    _STATUS = Path("/proc/self/status")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    # Each "[memory]" event is one allocation (+bytes) or free (-bytes) by torch's allocator.
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.baseline: int | None = None
 
-    def _status_bytes(self, key: str) -> int:
-        for line in self._STATUS.read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-        raise ValueError(f"{self._STATUS}: no {key} line; peak memory needs Linux procfs")
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        elif self._CLEAR_REFS.exists():
-            self._CLEAR_REFS.write_text("5")  # Linux: VmHWM := current VmRSS
-            self.baseline = self._status_bytes("VmRSS")
-        else:
-            log.warning("%s is missing: CPU peak memory is not measured", self._CLEAR_REFS)
-
-    def read(self) -> MemoryPeak | None:
-        if self.baseline is None:
-            return None
-        if self.device.type == "cuda":
-            method = "torch.cuda.max_memory_allocated"
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            method = "process VmHWM (peak resident set) after /proc/self/clear_refs"
-            peak = self._status_bytes("VmHWM")
-        return MemoryPeak(method, self.baseline, peak, peak - self.baseline)
+def step_peak_memory(call: Callable[[], object], device: torch.device) -> MemoryPeak:
+    """Run `call` once and return the most memory it held beyond what existed before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - baseline
+        return MemoryPeak("torch.cuda.max_memory_allocated over one step", extra)
+    return MemoryPeak(
+        "torch profiler: CPU allocations and frees of one step", _cpu_peak_bytes(call)
+    )
 
 
 def time_calls(
@@ -252,7 +247,6 @@ def measure(
     class_ids = torch.randint(settings.num_classes, (settings.batch_size,), generator=generator)
     class_ids = class_ids.to(device)
 
-    tracker = _PeakTracker(device)
     if mode == "inference":
         model.eval()
         infer = _inference_call(model, config, images, class_ids)
@@ -262,18 +256,17 @@ def measure(
             with autocast(device, config.train.precision):
                 model.teacher(images)
 
-        tracker.reset()
         model_s, teacher_s = time_calls(
             [infer, teacher_call], settings.warmup, settings.steps, device
         )
         teacher = Timing.of(teacher_s)
+        memory = step_peak_memory(infer, device)
     else:
         model.train()
         step = _train_call(model, config, images, class_ids, settings.seed)
-        tracker.reset()  # after the optimizer exists; its state is allocated by the first step
         (model_s,) = time_calls([step], settings.warmup, settings.steps, device)
         teacher = None
-    memory = tracker.read()
+        memory = step_peak_memory(step, device)
     seconds = Timing.of(model_s)
     batch = settings.batch_size
     return Measurement(
@@ -339,8 +332,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Measure every variant in both modes; the JSON-ready report with machine and load.
 
-    `isolated=False` measures in this process (fast, for tests; memory numbers then include what
-    earlier measurements left in the allocator).
+    `isolated=False` measures in this process (fast, for tests); the memory figure counts only
+    the step's own allocations either way.
     """
     run = measure_isolated if isolated else measure
     config = load_config(params, overrides=overrides)
@@ -377,8 +370,7 @@ def _rate(mode: dict[str, Any]) -> str:
 
 
 def _mib(mode: dict[str, Any]) -> str:
-    memory = mode["memory"]
-    return "n/a" if memory is None else f"{memory['extra_bytes'] / MIB:.0f}"
+    return f"{mode['memory']['extra_bytes'] / MIB:.0f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -402,8 +394,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}); median of "
         f"{settings['steps']} timed batches after {settings['warmup']} warmup, range in "
         f"parentheses (slowest-fastest batch). Inference = forward + anomaly maps + image "
-        f"scores; train = one full step with Adam. Peak extra memory = peak beyond model and "
-        f"inputs ({_memory_method(report)}). Random inputs; 1-minute load average "
+        f"scores; train = one full step with Adam. Peak extra memory = the most one step held "
+        f"beyond what existed before it ({_memory_method(report)}). Random inputs; 1-minute "
+        f"load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after."
     )
     table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # keep "5.20"
@@ -411,10 +404,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _memory_method(report: dict[str, Any]) -> str:
-    for result in report["variants"].values():
-        if result["inference"]["memory"] is not None:
-            return result["inference"]["memory"]["method"]
-    return "not measured"
+    first = next(iter(report["variants"].values()))
+    return first["inference"]["memory"]["method"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

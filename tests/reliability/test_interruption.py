@@ -17,7 +17,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,10 @@ from mddnet.train import resume_path
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 16 training images in batches of 4
+KILL_AT_STEP = 3  # inside the first epoch; the resumed run crosses the epoch and the lr step
 TIMEOUT_S = 300  # generous: CI machines are slow and shared
-# The three training runs use one thread each: resuming does not depend on the thread count
-# (all runs use the same), and two threads per process on a busy 2-core machine oversubscribe
-# it (8 steps took 31 s instead of 2.4 s here).
+# The training runs use one thread each: resuming does not depend on the thread count (all runs
+# use the same), and one thread keeps a busy 2-core machine from being oversubscribed.
 TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -42,22 +41,43 @@ def _mddnet(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "mddnet.cli", *map(str, args)]
 
 
-def _train(params_file: Path, checkpoint: Path, log: Path) -> subprocess.Popen:
-    """Start `mddnet train --variant mddnet` on one thread, its output going to `log`."""
-    command = _mddnet("train", "--params", params_file, "--variant", "mddnet", "--out", checkpoint)
-    with log.open("w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            command, cwd=REPO, env=TRAIN_ENV, stdout=handle, stderr=subprocess.STDOUT
+# `mddnet train` in a child that SIGKILLs itself right after its resume checkpoint of step
+# KILL_AT_STEP is on disk: a deterministic mid-epoch kill. (Polling for the file and killing from
+# here raced with the child: under load it reached the epoch's end before the kill landed.)
+_TRAIN_AND_DIE = """
+import os, signal, sys
+import mddnet.train as train
+from mddnet.cli import main
+
+kill_at, write = int(sys.argv[1]), train.save_checkpoint
+
+def write_then_die(path, payload):
+    write(path, payload)
+    if not payload["complete"] and payload["step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.save_checkpoint = write_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _train(
+    params_file: Path, checkpoint: Path, log: Path, kill_at_step: int = 0
+) -> subprocess.CompletedProcess:
+    """`mddnet train --variant mddnet` on one thread, its output going to `log`; with
+    `kill_at_step` > 0 the run is SIGKILLed once that step's resume checkpoint is written."""
+    args = ["train", "--params", params_file, "--variant", "mddnet", "--out", checkpoint]
+    command = [sys.executable, "-c", _TRAIN_AND_DIE, str(kill_at_step), *map(str, args)]
+    with log.open("w") as handle:
+        return subprocess.run(
+            command,
+            cwd=REPO,
+            env=TRAIN_ENV,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=TIMEOUT_S,
+            check=False,
         )
-
-
-def _wait_for(condition, process: subprocess.Popen, log: Path) -> None:
-    """Poll `condition()` every 10 ms while `process` runs; fail if it ends or times out first."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        assert process.poll() is None, f"ended before the kill:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
-        time.sleep(0.01)
 
 
 def _evaluate(params_file: Path, checkpoint: Path, metrics: Path) -> bytes:
@@ -75,24 +95,15 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(
     params_file = params(tmp_path / "params.yaml", benchmark_root, overrides)
     reference, checkpoint = tmp_path / "reference" / "mddnet.pt", tmp_path / "run" / "mddnet.pt"
     logs = {name: tmp_path / f"{name}.log" for name in ("reference", "killed", "rerun")}
-    # The uninterrupted run and the one to kill run side by side, one core each.
     uninterrupted = _train(params_file, reference, logs["reference"])
-    killed = _train(params_file, checkpoint, logs["killed"])
-    try:
-        _wait_for(resume_path(checkpoint).exists, killed, logs["killed"])  # after step 1
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
-        assert uninterrupted.wait(timeout=TIMEOUT_S) == 0, logs["reference"].read_text()[-3000:]
-    finally:
-        for process in (uninterrupted, killed):  # stops them if an assertion failed
-            process.kill()
-            process.wait(timeout=TIMEOUT_S)
+    assert uninterrupted.returncode == 0, logs["reference"].read_text()[-3000:]
+    killed = _train(params_file, checkpoint, logs["killed"], kill_at_step=KILL_AT_STEP)
+    assert killed.returncode == -signal.SIGKILL, logs["killed"].read_text()[-3000:]
     assert not checkpoint.exists()
     step = load_checkpoint(resume_path(checkpoint))["step"]
-    assert 0 < step < EPOCHS * STEPS_PER_EPOCH
-    assert step % STEPS_PER_EPOCH != 0, "the kill should land inside an epoch"
+    assert step == KILL_AT_STEP and step % STEPS_PER_EPOCH != 0  # inside an epoch
 
-    assert _train(params_file, checkpoint, logs["rerun"]).wait(timeout=TIMEOUT_S) == 0
+    assert _train(params_file, checkpoint, logs["rerun"]).returncode == 0
     rerun = logs["rerun"].read_text()
     assert f"resuming {checkpoint} from step {step} of {EPOCHS * STEPS_PER_EPOCH}" in rerun
     assert not resume_path(checkpoint).exists()
