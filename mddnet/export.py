@@ -2,8 +2,8 @@
 
 The graph is the trained model (teacher, bottleneck, class-aware memory, restoration and identity
 decoders) followed by the scoring of `mddnet.scoring` with the checkpoint's own `evaluate`
-settings (fusion weights, blur, image score), so a deployment without PyTorch scores as
-`mddnet evaluate` and `mddnet predict` do.
+settings and calibration (fusion weights, per-class normalisation, blur, image score), so a
+deployment without PyTorch scores as `mddnet evaluate` does.
 
 Inputs: `image` (B, 3, S, S) float32, ImageNet-normalised, S = the checkpoint's
 `data.image_size`; `class_id` (B,) int64, the class whose memory prototypes are read, or any
@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mddnet.config import EvaluateConfig
-from mddnet.evaluate import load_trained_model
+from mddnet.checkpoint import Scorer, load_trained_model
 from mddnet.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from mddnet.io import write_bytes
 from mddnet.models.mddnet import MDDNet
 from mddnet.models.memory import ClassAwareMemory, MemoryRead
-from mddnet.scoring import anomaly_maps, image_scores
+from mddnet.scoring import anomaly_maps, fuse, image_scores
 
 if TYPE_CHECKING:
     import onnx
@@ -57,7 +56,7 @@ _EXAMPLE_BATCH = 2  # images in the tracing example; the exported batch axis is 
 class InferenceOutput(NamedTuple):
     """What the exported graph returns; the field names are the ONNX output names."""
 
-    anomaly_map: Tensor  # (B, S, S) fused and blurred, as scoring.anomaly_maps(...).fused
+    anomaly_map: Tensor  # (B, S, S) fused and blurred, as checkpoint.Scorer gives it
     score: Tensor  # (B,) as scoring.image_scores
     read_class_id: Tensor  # (B,) int64 class the memory read; -1 without memory
 
@@ -93,7 +92,7 @@ class InferenceGraph(nn.Module):
     the forward pass is MDDNet's own; the map and the score come from `mddnet.scoring`.
     """
 
-    def __init__(self, model: MDDNet, settings: EvaluateConfig) -> None:
+    def __init__(self, model: MDDNet, scorer: Scorer) -> None:
         super().__init__()
         memory = None if model.memory is None else _PerImageClassMemory(model.memory)
         self.model = MDDNet(
@@ -103,14 +102,16 @@ class InferenceGraph(nn.Module):
             model.identity_decoder,
             memory,
         )
-        self.settings = settings
+        self.scorer = scorer
 
     def forward(self, image: Tensor, class_id: Tensor) -> InferenceOutput:
         """`image` (B, 3, S, S) ImageNet-normalised; `class_id` (B,) int64, < 0 = predicted."""
-        s = self.settings
+        scorer, settings = self.scorer, self.scorer.config.evaluate
         output = self.model(image, class_id)
-        fused = anomaly_maps(output, image.shape[-2:], s.fusion, s.blur_sigma).fused  # (B, S, S)
-        score = image_scores(fused, s.image_score, s.topk)  # (B,)
+        maps = anomaly_maps(output, image.shape[-2:], settings.blur_sigma)
+        read_ids = class_id if output.class_ids is None else output.class_ids
+        fused = fuse(maps, scorer.weights, scorer.statistics, read_ids)  # (B, S, S)
+        score = image_scores(fused, scorer.image_score, settings.topk)  # (B,)
         # Without memory the class is unused; the -1 output also keeps the input in the graph.
         read = (
             torch.full_like(class_id, PREDICTED) if output.class_ids is None else output.class_ids
@@ -135,7 +136,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT
 
     trained = load_trained_model(checkpoint, "cpu")
     size = trained.config.data.image_size
-    graph = InferenceGraph(trained.model, trained.config.evaluate).eval()
+    graph = InferenceGraph(trained.model, Scorer.of(trained.config, trained.calibration)).eval()
     proto = onnx.load_model_from_string(_trace(graph, size, opset))
     _declare_map_size(proto, size)
     onnx.helper.set_model_props(

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from mddnet.errors import MddnetError
+
 __all__ = [
     "CheckpointError",
     "atomic_open",
@@ -33,7 +35,7 @@ __all__ = [
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MddnetError):
     """A file that is not a readable mddnet checkpoint."""
 
 

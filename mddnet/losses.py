@@ -5,36 +5,40 @@
 - identity     sum_i [1 - cos(D_I(x_a)_i, F_a,i)]   (reproduce the anomalous features)
 - discrepancy  sum_i L1(M_RI,i, M_i), M_RI,i = 1 - cos(D_R_i(h, w), D_I_i(h, w)) over channels
   (the two decoders must disagree exactly where the anomaly is).
-[ours] The discrepancy L1 is a mean over pixels; the memory loss is the cross-entropy of the
-memory's class logits; the cosine is over each sample's flattened map (RD4AD) or per pixel.
+[ours], each a param of `train`: the L1 is a mean over pixels (`mean`, the paper's plain norm) or
+balances anomalous and normal pixels (`balanced`); its target is M (`mask`) or the discrepancy the
+teacher itself sees inside M (`teacher`: M * (1 - cos(T(x_n), T(x_a))), which perfect decoders
+reach); its gradient reaches both decoders (`both`) or only the identity decoder (`identity`:
+D_R, the memory and z are then trained by the restoration loss alone); the memory loss is the
+cross-entropy of the memory's class logits; the cosine is over each sample's flattened map (RD4AD)
+or per pixel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mddnet.config import LossWeights
-from mddnet.distributed import global_sum, world_size
+from mddnet.config import Cosine, DiscrepancyGradient, DiscrepancyTarget, LossWeights, Reduction
 from mddnet.scoring import cosine_distance
 
 if TYPE_CHECKING:
     from mddnet.models.mddnet import MDDNetOutput
 
 __all__ = [
-    "COSINE_MODES",
+    "DiscrepancyOptions",
     "LossTerms",
+    "PixelCounter",
     "compute_losses",
     "discrepancy_loss",
+    "discrepancy_target",
     "feature_cosine_loss",
     "resize_mask",
 ]
-
-COSINE_MODES = ("flatten", "pixel")
 
 
 class LossTerms(NamedTuple):
@@ -60,7 +64,7 @@ def _scale_pairs(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[tuple[Tensor,
 
 
 def feature_cosine_loss(
-    predicted: Sequence[Tensor], target: Sequence[Tensor], cosine: str
+    predicted: Sequence[Tensor], target: Sequence[Tensor], cosine: Cosine
 ) -> Tensor:
     """sum_i [1 - cos(predicted_i, target_i)], averaged over the batch (and pixels for `pixel`).
 
@@ -68,8 +72,6 @@ def feature_cosine_loss(
     small local errors; `pixel` takes one per position over the channels, weighting every
     location equally.
     """
-    if cosine not in COSINE_MODES:
-        raise ValueError(f"train.cosine must be one of {', '.join(COSINE_MODES)}, got {cosine!r}")
     per_scale = [
         1.0 - F.cosine_similarity(p.flatten(1), t.flatten(1), dim=1).mean()  # (B,) -> ()
         if cosine == "flatten"
@@ -89,44 +91,69 @@ def resize_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     return F.adaptive_avg_pool2d(mask, tuple(size)).squeeze(1)
 
 
-def _balanced_mean(error: Tensor, target: Tensor) -> Tensor:
+PixelCounter = Callable[[Tensor], Tensor]  # sums a pixel count over the global batch
+
+
+def _balanced_mean(error: Tensor, target: Tensor, count: PixelCounter, processes: int) -> Tensor:
     """Mean error over anomalous pixels and over normal pixels, averaged (each weighs half).
 
     With anomalies covering a few percent of the pixels, a plain mean is nearly minimised by
     predicting "no discrepancy" everywhere; balancing keeps the anomalous pixels' pull.
-    `target` holds the fraction of each cell that is anomalous, used as the weight.
+    `target` holds the fraction of each cell that is anomalous, used as the weight. Under
+    torchrun the pixel counts are global (`count`, a differentiable all-reduce from the trainer)
+    and each process scales its part by the process count before DDP averages the gradients, so
+    N processes train exactly as one; in one process `count` is the identity.
     """
-    # Counted over the global batch, so that N processes of a torchrun job, each scaling its
-    # part by N before DDP averages the gradients, train exactly as one process would.
-    positive, negative = global_sum(target.sum()), global_sum((1 - target).sum())
-    scale = world_size()
-    normal_part = scale * ((1 - target) * error).sum() / negative.clamp_min(1e-12)
+    positive, negative = count(target.sum()), count((1 - target).sum())
+    normal_part = processes * ((1 - target) * error).sum() / negative.clamp_min(1e-12)
     if positive <= 0:
         return normal_part
-    return 0.5 * (scale * (target * error).sum() / positive + normal_part)
+    return 0.5 * (processes * (target * error).sum() / positive + normal_part)
+
+
+def _own_count(value: Tensor) -> Tensor:
+    return value
+
+
+def discrepancy_target(
+    mask: Tensor, size: Sequence[int], normal: Tensor | None, anomalous: Tensor | None
+) -> Tensor:
+    """The per-cell target (B, h, w): the mask's area fraction, times the teacher's own
+    discrepancy 1 - cos(T(x_n), T(x_a)) when both teacher maps are given (`teacher` target)."""
+    target = resize_mask(mask, size)
+    if normal is None or anomalous is None:
+        return target
+    return target * cosine_distance(normal, anomalous).clamp(0.0, 1.0)
 
 
 def discrepancy_loss(
     restoration: Sequence[Tensor],
     identity: Sequence[Tensor],
     mask: Tensor,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
+    teacher_pair: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,
+    count: PixelCounter = _own_count,
+    processes: int = 1,
 ) -> Tensor:
-    """sum_i reduce |M_RI,i - M_i| with M_RI,i = 1 - cos over channels of D_R_i and D_I_i.
+    """sum_i reduce |M_RI,i - target_i| with M_RI,i = 1 - cos over channels of D_R_i and D_I_i.
 
-    `reduction` is `mean` (over all pixels) or `balanced` (see `_balanced_mean`).
+    The target is M resized to each scale, or with `teacher_pair` (F_n, F_a) the teacher's own
+    discrepancy inside M. `reduction` is `mean` (over all pixels) or `balanced`.
     """
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(
             f"mask must have shape (B, 1, H, W), got {tuple(mask.shape)}; add the channel axis"
         )
-    if reduction not in ("mean", "balanced"):
-        raise ValueError(f"train.discrepancy_reduction: mean or balanced, got {reduction!r}")
+    normals, anomalies = teacher_pair or ([None] * len(restoration), [None] * len(restoration))
     per_scale = []
-    for r, i in _scale_pairs(restoration, identity):
-        target = resize_mask(mask, r.shape[-2:])  # (B, h, w)
+    for (r, i), n, a in zip(_scale_pairs(restoration, identity), normals, anomalies, strict=True):
+        target = discrepancy_target(mask, r.shape[-2:], n, a)  # (B, h, w)
         error = (cosine_distance(r, i) - target).abs()  # (B, h, w)
-        per_scale.append(error.mean() if reduction == "mean" else _balanced_mean(error, target))
+        per_scale.append(
+            error.mean()
+            if reduction == "mean"
+            else _balanced_mean(error, target, count, processes)
+        )
     return torch.stack(per_scale).sum()
 
 
@@ -144,8 +171,8 @@ def compute_losses(
     mask: Tensor,
     class_ids: Tensor,
     weights: LossWeights,
-    cosine: str,
-    discrepancy_reduction: str = "mean",
+    cosine: Cosine,
+    discrepancy: DiscrepancyOptions | None = None,
 ) -> LossTerms:
     """All loss terms of one training step; a term with weight 0 is not computed (0 instead).
 
@@ -156,26 +183,45 @@ def compute_losses(
         w > 0 for w in (weights.restoration, weights.identity, weights.discrepancy, weights.memory)
     ):
         raise ValueError("train.loss_weights: every weight is 0; give at least one term a weight")
+    discrepancy_options = discrepancy or DiscrepancyOptions()
     has_identity = output.identity is not None
     _require(weights.identity, has_identity, "identity", "identity decoder")
     _require(weights.discrepancy, has_identity, "discrepancy", "identity decoder")
     _require(weights.memory, output.memory_logits is not None, "memory", "memory")
     zero = output.restoration[0].new_zeros((), dtype=torch.float32)
-    restoration = identity = discrepancy = memory = zero
+    restoration = identity = discrepancy_term = memory = zero
     if weights.restoration > 0:
         restoration = feature_cosine_loss(output.restoration, teacher_normal, cosine)
     if weights.identity > 0:
         identity = feature_cosine_loss(output.identity, output.teacher, cosine)
     if weights.discrepancy > 0:
-        discrepancy = discrepancy_loss(
-            output.restoration, output.identity, mask, discrepancy_reduction
-        )
+        discrepancy_term = discrepancy_options.loss(output, teacher_normal, mask)
     if weights.memory > 0:
         memory = F.cross_entropy(output.memory_logits.float(), class_ids)
     total = (
         weights.restoration * restoration
         + weights.identity * identity
-        + weights.discrepancy * discrepancy
+        + weights.discrepancy * discrepancy_term
         + weights.memory * memory
     )
-    return LossTerms(total, restoration, identity, discrepancy, memory)
+    return LossTerms(total, restoration, identity, discrepancy_term, memory)
+
+
+class DiscrepancyOptions(NamedTuple):
+    """How L_dist is computed: the `train.discrepancy_*` params and the pixel counter."""
+
+    reduction: Reduction = "mean"
+    target: DiscrepancyTarget = "mask"
+    gradient: DiscrepancyGradient = "both"
+    count: PixelCounter = _own_count
+    processes: int = 1
+
+    def loss(self, output: MDDNetOutput, teacher_normal: Sequence[Tensor], mask: Tensor) -> Tensor:
+        """L_dist of one forward pass; with gradient `identity` D_R's maps are detached."""
+        restoration = output.restoration
+        if self.gradient == "identity":
+            restoration = [r.detach() for r in restoration]
+        pair = (teacher_normal, output.teacher) if self.target == "teacher" else None
+        return discrepancy_loss(
+            restoration, output.identity, mask, self.reduction, pair, self.count, self.processes
+        )

@@ -1,8 +1,8 @@
-"""The setup cell of every notebook: project root, logging, validated config, seed.
+"""The setup cell of every notebook: project root, logging, validated config, kernels, seed.
 
 Notebooks run from two places: papermill started by DVC in the repository root, and JupyterLab in
 `notebooks/`. Resolving every path against the project root (found by walking up to the clone)
-makes both behave the same without `os.chdir`.
+makes both behave the same without `os.chdir`; paths shown or recorded are relative to it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mddnet.config import Config, load_config
+from mddnet.config import Config, Params, load_params
+from mddnet.kernels import pin_cpu_kernels
 from mddnet.seed import seed_everything
 
 __all__ = ["Session", "project_root", "setup"]
@@ -34,19 +35,27 @@ class Session:
     """What a notebook needs after its parameters cell."""
 
     root: Path
+    params: Params
     config: Config
 
     def path(self, relative: str | Path) -> Path:
         """A path from the parameters cell or params, resolved against the project root."""
         return self.root / Path(relative).expanduser()
 
+    def roots(self) -> list[Path]:
+        """The dataset roots of `data.root`, resolved against the project root."""
+        return [self.path(root) for root in self.config.data.root_paths()]
 
-def setup(params_file: str, variant: str | None = None) -> Session:
-    """Find the project root, show INFO logs in the notebook, load the config and seed."""
+
+def setup(params_file: str, variant: str | None = None, seed: int | None = None) -> Session:
+    """Find the project root, show INFO logs in the notebook, load the config of one run, pin the
+    CPU kernels (before any torch operation) and seed."""
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
     )
     root = project_root()
-    config = load_config(root / params_file, variant)
+    params = load_params(root / params_file)
+    config = params.config(variant, seed)
+    pin_cpu_kernels(config.cpu)
     seed_everything(config.seed)
-    return Session(root, config)
+    return Session(root, params, config)

@@ -3,8 +3,10 @@
 [paper] Two complementary discrepancy signals are fused into the anomaly map. [ours] They are
 teacher vs restoration (1 - cos(T(x)_i, D_R_i), the reverse-distillation map: where the decoder
 could not restore normal features) and restoration vs identity (1 - cos(D_R_i, D_I_i): where the
-restored and the reproduced features part ways); each is upsampled to image size and summed over
-scales, the two are fused by a weighted sum, blurred, and the image score pools the fused map.
+restored and the reproduced features part ways); each is upsampled to image size, summed over
+scales and blurred; the two are fused by a weighted sum, optionally after a per-class z-score with
+statistics of held-out normal images (`MapStatistics`, from `mddnet.calibration`), since the two
+maps live on different scales; the image score pools the fused map.
 """
 
 from __future__ import annotations
@@ -17,30 +19,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mddnet.config import FusionConfig
+from mddnet.config import ImageScore
 
 if TYPE_CHECKING:
     from mddnet.models.mddnet import MDDNetOutput
 
 __all__ = [
-    "IMAGE_SCORES",
     "AnomalyMaps",
+    "MapStatistics",
     "anomaly_maps",
+    "fuse",
     "blur",
     "cosine_distance",
     "discrepancy_map",
     "image_scores",
 ]
 
-IMAGE_SCORES = ("max", "topk_mean")
-
 
 class AnomalyMaps(NamedTuple):
-    """Pixel anomaly maps (B, H, W); a map whose fusion weight is 0 is not computed (None)."""
+    """Pixel anomaly maps (B, H, W), blurred; `restoration_identity` is None without an identity
+    decoder."""
 
-    teacher_restoration: Tensor | None
+    teacher_restoration: Tensor
     restoration_identity: Tensor | None
-    fused: Tensor  # weighted sum of the two (blurred) maps
+
+
+class MapStatistics(NamedTuple):
+    """Per-class mean and standard deviation of each map over held-out normal pixels."""
+
+    teacher_restoration: tuple[Tensor, Tensor]  # (C,), (C,)
+    restoration_identity: tuple[Tensor, Tensor] | None
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -99,47 +107,60 @@ def blur(maps: Tensor, sigma: float) -> Tensor:
     return F.conv2d(padded, kernel).squeeze(1)  # (B, H, W)
 
 
-def anomaly_maps(
-    output: MDDNetOutput, size: Sequence[int], fusion: FusionConfig, blur_sigma: float
-) -> AnomalyMaps:
-    """The two discrepancy maps of one forward pass, blurred, and their weighted sum.
-
-    Blurring each map and then summing equals blurring the sum (the blur is linear), so the
-    returned maps are consistent with the fused one.
-    """
-    teacher_restoration = restoration_identity = None
-    weighted = []
-    if fusion.teacher_restoration > 0:
-        teacher_restoration = blur(
-            discrepancy_map(output.teacher, output.restoration, size), blur_sigma
+def anomaly_maps(output: MDDNetOutput, size: Sequence[int], blur_sigma: float) -> AnomalyMaps:
+    """The two discrepancy maps of one forward pass, upsampled to `size` and blurred."""
+    teacher_restoration = blur(
+        discrepancy_map(output.teacher, output.restoration, size), blur_sigma
+    )
+    restoration_identity = None
+    if output.identity is not None:
+        restoration_identity = blur(
+            discrepancy_map(output.restoration, output.identity, size), blur_sigma
         )
-        weighted.append(fusion.teacher_restoration * teacher_restoration)
-    if fusion.restoration_identity > 0:
-        if output.identity is None:
+    return AnomalyMaps(teacher_restoration, restoration_identity)
+
+
+def _standardise(values: Tensor, stats: tuple[Tensor, Tensor], class_ids: Tensor) -> Tensor:
+    mean, std = (s.to(values)[class_ids, None, None] for s in stats)  # (B, 1, 1)
+    return (values - mean) / std.clamp_min(1e-8)
+
+
+def fuse(
+    maps: AnomalyMaps,
+    weights: tuple[float, float],
+    statistics: MapStatistics | None = None,
+    class_ids: Tensor | None = None,
+) -> Tensor:
+    """w_TR * TR + w_RI * RI (B, H, W); with `statistics` each map is first z-scored with its
+    class's held-out normal statistics (`class_ids` (B,) pick the class of each image)."""
+    w_tr, w_ri = weights
+    parts = []
+    for weight, values, key in (
+        (w_tr, maps.teacher_restoration, "teacher_restoration"),
+        (w_ri, maps.restoration_identity, "restoration_identity"),
+    ):
+        if weight == 0:
+            continue
+        if values is None:
             raise ValueError(
                 "evaluate.fusion.restoration_identity > 0 but the model has no identity decoder; "
                 "set the weight to 0 or build the model with model.identity_decoder: true"
             )
-        restoration_identity = blur(
-            discrepancy_map(output.restoration, output.identity, size), blur_sigma
-        )
-        weighted.append(fusion.restoration_identity * restoration_identity)
-    if not weighted:
+        if statistics is not None:
+            values = _standardise(values, getattr(statistics, key), class_ids)
+        parts.append(weight * values)
+    if not parts:
         raise ValueError("evaluate.fusion: at least one weight must be > 0")
-    return AnomalyMaps(teacher_restoration, restoration_identity, torch.stack(weighted).sum(0))
+    return torch.stack(parts).sum(0)
 
 
-def image_scores(maps: Tensor, mode: str, topk: int) -> Tensor:
+def image_scores(maps: Tensor, mode: ImageScore, topk: int) -> Tensor:
     """Image anomaly scores (B,) from maps (B, H, W): the max, or the mean of the top-k pixels."""
     flat = maps.flatten(1)  # (B, H*W)
     if mode == "max":
         return flat.amax(dim=1)
-    if mode == "topk_mean":
-        if not 1 <= topk <= flat.shape[1]:
-            raise ValueError(
-                f"evaluate.topk must lie in [1, {flat.shape[1]}] (pixels per map), got {topk}"
-            )
-        return flat.topk(topk, dim=1).values.mean(dim=1)
-    raise ValueError(
-        f"evaluate.image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}"
-    )
+    if not 1 <= topk <= flat.shape[1]:
+        raise ValueError(
+            f"evaluate.topk must lie in [1, {flat.shape[1]}] (pixels per map), got {topk}"
+        )
+    return flat.topk(topk, dim=1).values.mean(dim=1)

@@ -1,11 +1,13 @@
 """Training: `fit()` runs the MDD-Net objective on the normal training images of all classes.
 
-One plain loop. Each step takes normal images x_n, their synthetic anomalous copies x_a and masks
-M; the frozen teacher gives F_n = T(x_n); the model reads x_a; the loss terms come from
-`mddnet.losses`. The run is exactly resumable on CPU: the batch order of every epoch comes from a
-generator seeded by (seed, epoch), anomaly synthesis from (seed, epoch, index), and a resume
-checkpoint (model, optimizer, schedule, loss history) is written atomically every
-`train.checkpoint_every` steps, so a killed run continues to the same final weights.
+One plain loop over `train.steps` Adam steps. Each step takes normal images x_n, their synthetic
+anomalous copies x_a and masks M; the frozen teacher gives F_n = T(x_n); the model reads x_a; the
+loss terms come from `mddnet.losses`. The run is exactly resumable on CPU: the batch order of every
+epoch comes from a generator seeded by (seed, epoch), anomaly synthesis from (seed, epoch, index),
+and a resume checkpoint (model, optimizer, `TrainState`) is written atomically every
+`train.checkpoint_every` steps, so a killed run continues to the same final weights. After the
+last step the model is calibrated on held-out training normals (`mddnet.calibration`) and the
+checkpoint carries that calibration.
 """
 
 from __future__ import annotations
@@ -14,31 +16,46 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mddnet.calibration import calibrate
 from mddnet.config import Config, config_to_dict
-from mddnet.data.datasets import TrainDataset
-from mddnet.data.layout import Sample, scan_dataset
+from mddnet.data.datasets import NormalDataset, TrainDataset
+from mddnet.data.layout import Sample, scan_dataset, split_holdout
 from mddnet.device import autocast, grad_scaler, memory_format, resolve_device
-from mddnet.distributed import Context, convert_batch_norm, init_from_environment
+from mddnet.distributed import Context, convert_batch_norm, global_sum, init_from_environment
+from mddnet.errors import MddnetError
 from mddnet.io import load_checkpoint, save_checkpoint, write_csv
-from mddnet.losses import LossTerms, compute_losses
+from mddnet.losses import DiscrepancyOptions, LossTerms, compute_losses
 from mddnet.models import build_model
 from mddnet.models.mddnet import MDDNet
+from mddnet.models.memory import ClassAwareMemory
 from mddnet.seed import seed_everything
 
-__all__ = ["LOSS_COLUMNS", "TrainResult", "fit", "make_optimizer", "resume_path", "train_step"]
+__all__ = [
+    "LOSS_COLUMNS",
+    "StepResult",
+    "TrainResult",
+    "TrainState",
+    "fit",
+    "loss_plateau",
+    "make_optimizer",
+    "resume_path",
+    "train_step",
+]
 
 log = logging.getLogger(__name__)
 
-LOSS_COLUMNS = ("step", "epoch", "lr", *LossTerms._fields)
+MEMORY_COLUMNS = ("memory_entropy", "memory_used")
+LOSS_COLUMNS = ("step", "epoch", "lr", *LossTerms._fields, *MEMORY_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,22 @@ class TrainResult:
     class_names: tuple[str, ...]
     wall_time_s: float
     resumed_from_step: int
+
+
+@dataclass
+class TrainState:
+    """The loop's own progress, saved with the resume checkpoint."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0  # summed over resumed runs
+
+
+class StepResult(NamedTuple):
+    """One optimisation step: the loss terms and, with a memory, how its prototypes were used."""
+
+    terms: LossTerms
+    memory: dict[str, float]  # MEMORY_COLUMNS -> value; empty without a memory
 
 
 def resume_path(checkpoint: Path) -> Path:
@@ -76,16 +109,10 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return batches
 
 
-def _lr_factor(step: int, steps_per_epoch: int, config: Config) -> float:
-    """Step decay by `lr_gamma` once `lr_step_at` of the epochs are done (RD recipe)."""
-    milestone = math.ceil(config.train.lr_step_at * config.train.epochs) * steps_per_epoch
-    return config.train.lr_gamma if step >= milestone else 1.0
-
-
-def _train_samples(config: Config, root: Path) -> tuple[list[Sample], tuple[str, ...]]:
-    samples = [s for s in scan_dataset(root, config.data.classes) if s.split == "train"]
-    class_names = tuple(sorted({s.class_name for s in samples}))
-    return samples, class_names
+def _lr(step: int, config: Config) -> float:
+    """Step decay by `lr_gamma` from `lr_step_at` of the steps on (RD recipe)."""
+    milestone = math.ceil(config.train.lr_step_at * config.train.steps)
+    return config.train.lr * (config.train.lr_gamma if step >= milestone else 1.0)
 
 
 def _check_finite(values: dict[str, float], step: int) -> None:
@@ -95,58 +122,6 @@ def _check_finite(values: dict[str, float], step: int) -> None:
                 f"training stopped at step {step}: the {name} loss is {value} "
                 f"(lower train.lr, check the input images, or disable that term)"
             )
-
-
-def _state(
-    model: MDDNet,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: Config,
-    class_names: Sequence[str],
-    step: int,
-    history: list[dict[str, Any]],
-    complete: bool,
-    wall_time_s: float,
-) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "state_dict": model.state_dict(),
-        "config": config_to_dict(config),
-        "class_names": list(class_names),
-        "step": step,
-        "complete": complete,
-        "losses": history,
-        "teacher_weights": model.teacher.weights_id,
-        "train_wall_time_s": wall_time_s,  # summed over resumed runs
-    }
-    if not complete:
-        payload["optimizer"] = optimizer.state_dict()
-        payload["scaler"] = scaler.state_dict()  # {} when disabled
-    return payload
-
-
-def _batches(
-    dataset: TrainDataset, batches: list[list[int]], num_workers: int, pin: bool
-) -> Iterator[dict[str, Any]]:
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin)
-    yield from loader
-
-
-def _shard(batches: list[list[int]], context: Context) -> list[list[int]]:
-    """This process's equal, contiguous slice of every global batch."""
-    sliced = []
-    for batch in batches:
-        size = len(batch) // context.world_size
-        sliced.append(batch[context.rank * size : (context.rank + 1) * size])
-    return sliced
-
-
-def _logged(terms: LossTerms, context: Context) -> dict[str, float]:
-    """Loss values of the global batch: each process's mean, averaged over the processes."""
-    values = torch.stack([t.detach().float() for t in terms])
-    if context.distributed:
-        torch.distributed.all_reduce(values)
-        values /= context.world_size
-    return dict(zip(LossTerms._fields, values.tolist(), strict=True))
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -166,15 +141,25 @@ def train_step(
     batch: dict[str, torch.Tensor],
     config: Config,
     scaler: torch.amp.GradScaler | None = None,
-) -> LossTerms:
+    context: Context | None = None,
+) -> StepResult:
     """One optimisation step on a batch already on the device: F_n = T(x_n), the model on x_a,
-    every loss term, backward and the optimizer step. Returns the (unreduced) terms.
+    every loss term, backward and the optimizer step.
 
     The forward passes run under `train.precision` autocast, the losses in fp32; `scaler`
-    (from `device.grad_scaler`) scales the loss for fp16 and is a no-op otherwise.
+    (from `device.grad_scaler`) scales the loss for fp16 and is a no-op otherwise. Under torchrun
+    (`context`) the balanced discrepancy counts pixels over the global batch.
     """
     device = batch["anomalous"].device
     scaler = scaler or grad_scaler(device, config.train.precision)
+    processes = context.world_size if context else 1
+    discrepancy = DiscrepancyOptions(
+        config.train.discrepancy_reduction,
+        config.train.discrepancy_target,
+        config.train.discrepancy_gradient,
+        global_sum,
+        processes,
+    )
     with autocast(device, config.train.precision):
         with torch.no_grad():
             teacher_normal = teacher(batch["normal"])
@@ -186,50 +171,59 @@ def train_step(
         batch["class_id"],
         config.train.loss_weights,
         config.train.cosine,
-        config.train.discrepancy_reduction,
+        discrepancy,
     )
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms.total).backward()
     scaler.step(optimizer)
     scaler.update()
-    return terms
+    if output.attention is not None:
+        usage = ClassAwareMemory.usage(output.attention.detach(), output.class_ids)
+        return StepResult(terms, dict(zip(MEMORY_COLUMNS, usage, strict=True)))
+    return StepResult(terms, {})
 
 
-def fit(
-    config: Config,
-    checkpoint: str | Path,
-    *,
-    losses_csv: str | Path | None = None,
-    root: str | Path | None = None,
-    resume: bool = True,
-    progress: bool = True,
-) -> TrainResult:
-    """Train one model on all classes; write `checkpoint` and the per-step losses CSV.
+def loss_plateau(history: Sequence[dict[str, Any]], column: str = "total") -> float:
+    """Relative drop of the mean `column` loss from the second-last to the last tenth of the
+    steps: near 0 means the loss has reached its plateau (how the step budget is judged)."""
+    values = np.array([row[column] for row in history], dtype=np.float64)
+    tenth = len(values) // 10
+    if tenth == 0:
+        return float("nan")
+    before, last = values[-2 * tenth : -tenth].mean(), values[-tenth:].mean()
+    return float((before - last) / before) if before else 0.0
 
-    `losses_csv` defaults to `<checkpoint stem>.losses.csv` beside the checkpoint; `root` to
-    `data.root`. With `resume=True` an in-progress run of the same config continues from its
-    last resume checkpoint; a resume file written for another config is refused, not reused.
-    Started by `torchrun`, the processes share every global batch (`mddnet.distributed`) and
-    only the main one writes files.
-    """
-    started = time.perf_counter()
-    checkpoint = Path(checkpoint)
-    losses_csv = Path(losses_csv) if losses_csv else checkpoint.with_suffix(".losses.csv")
-    root = Path(root) if root is not None else config.data.root_path()
+
+class _Run(NamedTuple):
+    """Everything the loop needs, built by `_prepare`."""
+
+    model: MDDNet
+    network: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: TrainDataset
+    held_out: list[Sample]
+    device: torch.device
+    context: Context
+    layout: torch.memory_format
+
+
+def _prepare(config: Config, roots: Sequence[Path]) -> _Run:
     device = resolve_device(config.train.device)
     context = init_from_environment(device)
     if device.type == "cuda" and context.distributed:
         device = torch.device("cuda", context.local_rank)
     if config.train.batch_size % context.world_size:
-        raise ValueError(
+        raise MddnetError(
             f"train.batch_size {config.train.batch_size} does not split over "
             f"{context.world_size} processes; use a multiple of {context.world_size}"
         )
-
     seed_everything(config.seed)
-    samples, class_names = _train_samples(config, root)
+    samples = [s for s in scan_dataset(roots, config.data.classes) if s.split == "train"]
+    training, held_out = split_holdout(samples, config.calibration.holdout)
+    class_names = tuple(sorted({s.class_name for s in samples}))
     dataset = TrainDataset(
-        samples, class_names, config.data.image_size, config.data.synthesis, config.seed
+        training, class_names, config.data.image_size, config.data.synthesis, config.seed
     )
     layout = memory_format(config.train.channels_last)
     model = build_model(config.model, len(class_names)).to(device, memory_format=layout)
@@ -243,94 +237,231 @@ def fit(
         )
     optimizer = make_optimizer(model, config)
     scaler = grad_scaler(device, config.train.precision)
-    steps_per_epoch = len(_epoch_batches(len(dataset), config.train.batch_size, config.seed, 0))
-    total_steps = steps_per_epoch * config.train.epochs
+    return _Run(model, network, optimizer, scaler, dataset, held_out, device, context, layout)
 
-    step, history, earlier = 0, [], 0.0
-    state_file = resume_path(checkpoint)
-    if resume and state_file.exists():
-        state = load_checkpoint(state_file, map_location=device)
-        if state["config"] != config_to_dict(config) or state["class_names"] != list(class_names):
-            raise ValueError(
-                f"{state_file}: resume state was written for another config or class list; "
-                f"delete it to start over, or restore the params it was written with"
-            )
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, history, earlier = state["step"], state["losses"], state["train_wall_time_s"]
-        log.info("resuming %s from step %d of %d", checkpoint, step, total_steps)
-    resumed_from = step
 
-    log.info(
-        "training %s on %d images of %d classes (%s) for %d steps on %s%s",
-        config.variant or "params",
-        len(dataset),
-        len(class_names),
-        ", ".join(class_names),
-        total_steps,
-        device,
-        f" x {context.world_size} processes" if context.distributed else "",
-    )
-    network.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=f"train {config.variant or ''}".strip(),
-        disable=not (progress and context.is_main),
-        unit="step",
-    )
-    for epoch in range(step // steps_per_epoch, config.train.epochs):
+def _payload(run: _Run, config: Config, state: TrainState, complete: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "state_dict": run.model.state_dict(),
+        "config": config_to_dict(config),
+        "class_names": list(run.dataset.class_names),
+        "step": state.step,
+        "complete": complete,
+        "losses": state.history,
+        "teacher_weights": run.model.teacher.weights_id,
+        "train_wall_time_s": state.wall_time_s,
+    }
+    if not complete:
+        payload["optimizer"] = run.optimizer.state_dict()
+        payload["scaler"] = run.scaler.state_dict()  # {} when disabled
+    return payload
+
+
+def _resume(run: _Run, config: Config, state_file: Path) -> TrainState:
+    """The saved state of an unfinished run of this same config, or a fresh state."""
+    if not state_file.exists():
+        return TrainState()
+    saved = load_checkpoint(state_file, map_location=run.device)
+    same_classes = saved["class_names"] == list(run.dataset.class_names)
+    if saved["config"] != config_to_dict(config) or not same_classes:
+        raise MddnetError(
+            f"{state_file}: resume state was written for another config or class list; "
+            f"delete it to start over, or restore the params it was written with"
+        )
+    run.model.load_state_dict(saved["state_dict"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scaler.load_state_dict(saved["scaler"])
+    log.info("resuming from step %d of %d", saved["step"], config.train.steps)
+    return TrainState(saved["step"], saved["losses"], saved["train_wall_time_s"])
+
+
+def _batches(run: _Run, config: Config, step: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(epoch, batch on the device) from `step` on, endlessly: the epochs' batch orders are
+    pure functions of (seed, epoch), so a resumed run sees the same batches."""
+    dataset, context = run.dataset, run.context
+    epoch, offset = divmod(step, _steps_per_epoch(run, config))
+    while True:
         dataset.set_epoch(epoch)
         batches = _epoch_batches(len(dataset), config.train.batch_size, config.seed, epoch)
-        batches = _shard(batches[step - epoch * steps_per_epoch :], context)
-        for batch in _batches(dataset, batches, config.data.num_workers, device.type == "cuda"):
-            lr = config.train.lr * _lr_factor(step, steps_per_epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            on_device = {
-                "normal": batch["normal"].to(device, memory_format=layout),
-                "anomalous": batch["anomalous"].to(device, memory_format=layout),
-                "mask": batch["mask"].to(device),
-                "class_id": batch["class_id"].to(device),
-            }
-            terms = train_step(network, model.teacher, optimizer, on_device, config, scaler)
-            logged = _logged(terms, context)
-            _check_finite(logged, step)  # stops before a non-finite step is saved anywhere
-            step += 1
-            history.append({"step": step, "epoch": epoch, "lr": lr} | logged)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logged['total']:.4f}")
-            if (
-                step % config.train.checkpoint_every == 0
-                and step < total_steps
-                and context.is_main
-            ):
-                elapsed = earlier + time.perf_counter() - started
-                save_checkpoint(
-                    state_file,
-                    _state(
-                        model,
-                        optimizer,
-                        scaler,
-                        config,
-                        class_names,
-                        step,
-                        history,
-                        False,
-                        elapsed,
-                    ),
-                )
-                write_csv(losses_csv, history, LOSS_COLUMNS)
-    bar.close()
-
-    elapsed = earlier + time.perf_counter() - started
-    if context.is_main:
-        final = _state(model, optimizer, scaler, config, class_names, step, history, True, elapsed)
-        save_checkpoint(
-            checkpoint, final | {"device": str(device), "processes": context.world_size}
+        size = config.train.batch_size // context.world_size  # this process's contiguous slice
+        shard = [b[context.rank * size : (context.rank + 1) * size] for b in batches[offset:]]
+        pin = run.device.type == "cuda"
+        loader = DataLoader(
+            dataset, batch_sampler=shard, num_workers=config.data.num_workers, pin_memory=pin
         )
-        write_csv(losses_csv, history, LOSS_COLUMNS)
-        state_file.unlink(missing_ok=True)
-        log.info("wrote %s after %d steps in %.1f s", checkpoint, step, elapsed)
-    return TrainResult(checkpoint, losses_csv, step, class_names, elapsed, resumed_from)
+        for batch in loader:
+            yield (
+                epoch,
+                {
+                    key: batch[key].to(run.device, memory_format=run.layout)
+                    if key in ("normal", "anomalous")
+                    else batch[key].to(run.device)
+                    for key in ("normal", "anomalous", "mask", "class_id")
+                },
+            )
+        epoch, offset = epoch + 1, 0
+
+
+def _logged(terms: LossTerms, context: Context) -> dict[str, float]:
+    """Loss values of the global batch: each process's mean, averaged over the processes."""
+    values = torch.stack([t.detach().float() for t in terms])
+    if context.distributed:
+        torch.distributed.all_reduce(values)
+        values /= context.world_size
+    return dict(zip(LossTerms._fields, values.tolist(), strict=True))
+
+
+def _initialise_memory(run: _Run, config: Config) -> None:
+    """k-means prototypes from z of every clean training image, class by class."""
+    memory = run.model.memory
+    run.model.eval()
+    with torch.no_grad():
+        per_class: list[list[torch.Tensor]] = [[] for _ in range(memory.num_classes)]
+        normals = NormalDataset(
+            run.dataset.samples, run.dataset.class_names, run.dataset.image_size
+        )
+        for batch in DataLoader(normals, batch_size=config.train.batch_size):
+            image = batch["image"].to(run.device, memory_format=run.layout)
+            z = run.model.bottleneck(run.model.teacher(image))  # (B, D, h, w)
+            for point, class_id in zip(
+                z.flatten(2).transpose(1, 2), batch["class_id"], strict=True
+            ):
+                per_class[int(class_id)].append(point.float())  # (h*w, D)
+    run.model.train()
+    generator = torch.Generator().manual_seed(config.seed)
+    memory.initialise([torch.cat(points) for points in per_class], generator)
+    log.info("memory initialised by k-means at step %d", config.model.memory.init_step)
+
+
+def fit(
+    config: Config,
+    checkpoint: str | Path,
+    *,
+    losses_csv: str | Path | None = None,
+    roots: Sequence[str | Path] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one model on all classes, calibrate it, write `checkpoint` and the losses CSV.
+
+    `losses_csv` defaults to `<checkpoint stem>.losses.csv` beside the checkpoint; `roots` to
+    `data.root`. With `resume=True` an in-progress run of the same config continues from its
+    last resume checkpoint; one written for another config is refused, not reused. Started by
+    `torchrun`, the processes share every global batch and only the main one writes files.
+    `progress=False` replaces the progress bar by one log line per epoch (for notebooks).
+    """
+    started = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    losses_csv = Path(losses_csv) if losses_csv else checkpoint.with_suffix(".losses.csv")
+    roots = [Path(r) for r in roots] if roots is not None else list(config.data.root_paths())
+    run = _prepare(config, roots)
+    state_file = resume_path(checkpoint)
+    state = _resume(run, config, state_file) if resume else TrainState()
+    resumed_from, earlier = state.step, state.wall_time_s
+    total = config.train.steps
+    log.info(
+        "training %s on %d images of %d classes (%s) for %d steps on %s%s",
+        config.run,
+        len(run.dataset),
+        len(run.dataset.class_names),
+        ", ".join(run.dataset.class_names),
+        total,
+        run.device,
+        f" x {run.context.world_size} processes" if run.context.distributed else "",
+    )
+    run.network.train()
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        desc=config.run,
+        unit="step",
+        disable=not (progress and run.context.is_main),
+    )
+    batches = _batches(run, config, state.step)
+    while state.step < total:
+        _step(run, config, state, batches, log_epoch=not progress)
+        bar.update(1)
+        bar.set_postfix(loss=f"{state.history[-1]['total']:.4f}")
+        if state.step % config.train.checkpoint_every == 0 and state.step < total:
+            state.wall_time_s = earlier + time.perf_counter() - started
+            _save_progress(run, config, state, state_file, losses_csv)
+    bar.close()
+    state.wall_time_s = earlier + time.perf_counter() - started
+    if run.context.is_main:
+        _finish(run, config, state, checkpoint, losses_csv)
+    return TrainResult(
+        checkpoint,
+        losses_csv,
+        state.step,
+        run.dataset.class_names,
+        state.wall_time_s,
+        resumed_from,
+    )
+
+
+def _step(
+    run: _Run,
+    config: Config,
+    state: TrainState,
+    batches: Iterator[tuple[int, dict[str, Any]]],
+    log_epoch: bool,
+) -> None:
+    """One step of the loop: memory initialisation when due, lr, train_step, history."""
+    memory = config.model.memory
+    if memory.enabled and memory.init == "kmeans" and state.step == memory.init_step:
+        _initialise_memory(run, config)
+    epoch, batch = next(batches)
+    lr = _lr(state.step, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    result = train_step(
+        run.network, run.model.teacher, run.optimizer, batch, config, run.scaler, run.context
+    )
+    logged = _logged(result.terms, run.context)
+    _check_finite(logged, state.step)  # stops before a non-finite step is saved anywhere
+    state.step += 1
+    state.history.append({"step": state.step, "epoch": epoch, "lr": lr} | logged | result.memory)
+    next_epoch = (
+        state.step == config.train.steps or state.step % _steps_per_epoch(run, config) == 0
+    )
+    if log_epoch and next_epoch:
+        log.info(
+            "step %d/%d epoch %d: %s", state.step, config.train.steps, epoch, _summary(logged)
+        )
+
+
+def _steps_per_epoch(run: _Run, config: Config) -> int:
+    return len(_epoch_batches(len(run.dataset), config.train.batch_size, config.seed, 0))
+
+
+def _save_progress(
+    run: _Run, config: Config, state: TrainState, state_file: Path, losses_csv: Path
+) -> None:
+    if run.context.is_main:
+        save_checkpoint(state_file, _payload(run, config, state, complete=False))
+        write_csv(losses_csv, state.history, LOSS_COLUMNS)
+
+
+def _summary(logged: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in logged.items() if v)
+
+
+def _finish(
+    run: _Run, config: Config, state: TrainState, checkpoint: Path, losses_csv: Path
+) -> None:
+    """Calibrate on the held-out normals and write the final checkpoint and losses."""
+    normals = run.held_out or run.dataset.samples  # holdout 0: the training normals themselves
+    calibration = calibrate(run.model, config, run.dataset.class_names, normals, run.device)
+    plateau = loss_plateau(state.history)
+    log.info("the last tenth of the steps lowered the mean total loss by %.1f%%", 100 * plateau)
+    payload = _payload(run, config, state, complete=True) | {
+        "device": str(run.device),
+        "processes": run.context.world_size,
+        "calibration": asdict(calibration),
+        "held_out": [f"{s.class_name}/{s.image_path.name}" for s in run.held_out],
+        "loss_plateau": plateau,
+    }
+    save_checkpoint(checkpoint, payload)
+    write_csv(losses_csv, state.history, LOSS_COLUMNS)
+    resume_path(checkpoint).unlink(missing_ok=True)
+    log.info("wrote %s after %d steps in %.1f s", checkpoint, state.step, state.wall_time_s)

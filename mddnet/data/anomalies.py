@@ -13,6 +13,9 @@ the discrepancy loss pulls their disagreement onto M. How the anomaly is made is
   has the same role (band-limited, zero-mean, smooth) without a new dependency. Its octaves are
   the Perlin scales 2^0 .. 2^(perlin_max_scale-1) over the box, its amplitude beta ~ U(strength);
   texture_source does not apply.
+- `cutpaste` (CutPaste, Li et al. 2021): a rectangle of the image itself, pasted elsewhere in
+  it: a structural anomaly (misplaced or doubled parts) rather than a foreign texture.
+- `perlin_cutpaste`: `perlin` or `cutpaste`, each with probability 1/2.
 - `none`: x_a = x_n, M = 0 (the RD baseline).
 
 M is exactly the set of pixels that changed: where a blend would change a pixel by less than
@@ -50,6 +53,8 @@ MAX_MASK_TRIES = 10  # Perlin masks redrawn before falling back to a blob
 MAX_ROTATION_DEGREES = 90.0  # DRAEM rotates the noise by U(-90, 90) degrees
 FRACTAL_OCTAVES = 4  # octaves of the procedural noise texture
 BOX_FRACTION = (0.125, 0.5)  # side range of the simplex box, as a fraction of the image side
+CUTPASTE_AREA = (0.02, 0.15)  # area range of the cut rectangle, as a fraction of the image
+CUTPASTE_ASPECT = (0.3, 3.3)  # its height / width range (log-uniform), as CutPaste draws it
 
 
 class Synthesis(NamedTuple):
@@ -176,11 +181,6 @@ def _texture(
     shape: tuple[int, int], source: str, rng: np.random.Generator, foreign: np.ndarray | None
 ) -> np.ndarray:
     """Pick the foreign texture; without a foreign image (one class only) use procedural noise."""
-    if source not in ("other_class", "procedural", "mixed"):
-        raise ValueError(
-            f"data.synthesis.texture_source: unknown {source!r} "
-            f"(use other_class, procedural or mixed)"
-        )
     use_foreign = source == "other_class" or (source == "mixed" and rng.random() < 0.5)
     if use_foreign and foreign is not None:
         return foreign
@@ -194,6 +194,23 @@ def _random_box(shape: tuple[int, int], rng: np.random.Generator) -> tuple[slice
         int(rng.integers(0, size - side + 1)) for size, side in zip(shape, sides, strict=True)
     ]
     return slice(starts[0], starts[0] + sides[0]), slice(starts[1], starts[1] + sides[1])
+
+
+def _cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(target, region): a rectangle of `image` copied to another place of it."""
+    height, width = image.shape[:2]
+    area = rng.uniform(*CUTPASTE_AREA) * height * width
+    aspect = math.exp(rng.uniform(math.log(CUTPASTE_ASPECT[0]), math.log(CUTPASTE_ASPECT[1])))
+    h = min(height - 1, max(1, int(round(math.sqrt(area * aspect)))))
+    w = min(width - 1, max(1, int(round(math.sqrt(area / aspect)))))
+    (y0, x0), (y1, x1) = [
+        (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))) for _ in "ft"
+    ]
+    target = image.copy()
+    target[y1 : y1 + h, x1 : x1 + w] = image[y0 : y0 + h, x0 : x0 + w]
+    region = np.zeros((height, width), dtype=bool)
+    region[y1 : y1 + h, x1 : x1 + w] = True
+    return target, region
 
 
 def _apply(image: np.ndarray, target: np.ndarray, region: np.ndarray) -> Synthesis:
@@ -232,11 +249,16 @@ def synthesize(
     if config.kind == "none" or rng.random() >= config.probability:
         return Synthesis(image.astype(np.float32, copy=True), np.zeros(shape, dtype=np.float32))
     beta = rng.uniform(*config.strength)
-    if config.kind == "perlin":
+    kind = config.kind
+    if kind == "perlin_cutpaste":
+        kind = "perlin" if rng.random() < 0.5 else "cutpaste"
+    if kind == "cutpaste":
+        return _apply(image, *_cutpaste(image, rng))
+    if kind == "perlin":
         region = perlin_mask(shape, config.perlin_max_scale, config.threshold, rng)  # (H, W)
         texture = _texture(shape, config.texture_source, rng, foreign)  # (H, W, 3)
         return _apply(image, (1.0 - beta) * image + beta * texture, region)
-    if config.kind == "simplex":
+    if kind == "simplex":
         rows, cols = _random_box(shape, rng)
         region = np.zeros(shape, dtype=bool)
         region[rows, cols] = True
@@ -247,4 +269,4 @@ def synthesize(
         target = image.copy()
         target[rows, cols] = np.clip(image[rows, cols] + beta * noise, 0.0, 1.0)
         return _apply(image, target, region)
-    raise ValueError(f"data.synthesis.kind: unknown {config.kind!r} (use perlin, simplex or none)")
+    raise AssertionError(f"unhandled synthesis kind {kind!r}")  # config.py declares the kinds

@@ -31,11 +31,9 @@ from mddnet.data.layout import Sample, load_image, load_mask
 from mddnet.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
+    "NormalDataset",
     "TestDataset",
     "TrainDataset",
-    "denormalize",
     "normalize",
     "resize_image",
     "transform_image",
@@ -72,13 +70,6 @@ def transform_mask(mask: np.ndarray, size: int) -> torch.Tensor:
         (size, size), Image.Resampling.NEAREST
     )
     return torch.from_numpy(np.asarray(resized) > 0).float()[None]  # (1, S, S)
-
-
-def denormalize(tensor: torch.Tensor) -> torch.Tensor:
-    """Undo `normalize` for display: (..., 3, H, W) -> same shape in [0, 1]."""
-    mean = tensor.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = tensor.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor * std + mean).clamp(0.0, 1.0)
 
 
 def _class_ids(samples: Sequence[Sample], class_names: Sequence[str]) -> list[int]:
@@ -120,6 +111,7 @@ class TrainDataset(Dataset):
         if not samples:
             raise ValueError("TrainDataset got no samples; scan a dataset with train/good images")
         self.samples = list(samples)
+        self.class_names = tuple(class_names)
         self.class_ids = _class_ids(self.samples, class_names)
         self.image_size = image_size
         self.synthesis = synthesis
@@ -127,10 +119,10 @@ class TrainDataset(Dataset):
         ids = np.asarray(self.class_ids)
         # Indices of the training images of every OTHER class: the foreign-texture candidates.
         self._others = {cid: np.flatnonzero(ids != cid) for cid in set(self.class_ids)}
-        self._uses_foreign = synthesis.kind == "perlin" and synthesis.texture_source in (
-            "other_class",
-            "mixed",
-        )
+        self._uses_foreign = synthesis.kind in (
+            "perlin",
+            "perlin_cutpaste",
+        ) and synthesis.texture_source in ("other_class", "mixed")
         if self._uses_foreign and len(self._others) == 1:
             logger.warning(
                 "texture_source %s needs a second class; only %s is present, so anomalies use "
@@ -179,6 +171,33 @@ class TrainDataset(Dataset):
             "normal": normalize(normal),
             "anomalous": normalize(anomalous),
             "mask": torch.from_numpy(mask)[None],  # (1, S, S)
+            "class_id": self.class_ids[index],
+        }
+
+
+class NormalDataset(Dataset):
+    """Normal images (training or held-out) as the teacher reads them, with the resized pixels.
+
+    Item: {"image": (3, S, S) normalised float32, "pixels": (S, S, 3) float32 in [0, 1] (the
+    input of anomaly synthesis), "class_id": int}.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], class_names: Sequence[str], image_size: int
+    ) -> None:
+        self.samples = list(samples)
+        self.class_ids = _class_ids(self.samples, class_names)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pixels = resize_image(load_image(self.samples[index].image_path), self.image_size)
+        pixels = pixels / np.float32(255.0)  # (S, S, 3) in [0, 1]
+        return {
+            "image": normalize(pixels),
+            "pixels": torch.from_numpy(pixels),
             "class_id": self.class_ids[index],
         }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ import pandas as pd
 from PIL import Image
 from skimage.util import img_as_ubyte
 from tqdm import tqdm
+
+from mddnet.errors import MddnetError
 
 __all__ = [
     "GOOD",
@@ -44,6 +47,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "scan_dataset",
+    "split_holdout",
     "summarize",
     "validate_dataset",
 ]
@@ -59,7 +63,7 @@ _LAYOUT_FOLDERS = ("train", "test", "ground_truth")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-class DatasetError(ValueError):
+class DatasetError(MddnetError):
     """A dataset folder or file that cannot be used; the message names the path and the fix.
 
     It can carry several problems (`problems`), so that one run reports all of them instead of
@@ -350,13 +354,18 @@ def _scan_class(class_dir: Path) -> _Scan:
     return _Scan(samples, problems)
 
 
-def scan_dataset(root: str | Path, classes: Sequence[str] = ()) -> list[Sample]:
+def scan_dataset(
+    root: str | Path | Sequence[str | Path], classes: Sequence[str] = ()
+) -> list[Sample]:
     """All samples of the given classes (all when empty), sorted by class, split, type, name.
 
     Reads folder listings and the headers of defective images and masks (to match their sizes),
     never the pixels, so it takes seconds on the full datasets. All structural problems are
-    collected and raised together as one `DatasetError`.
+    collected and raised together as one `DatasetError`. Several roots are read as one dataset
+    (their class folders side by side); a class name in two roots is an error.
     """
+    if not isinstance(root, str | Path):
+        return _scan_roots([Path(r) for r in root], classes)
     root = Path(root)
     available = list_classes(root)
     wanted = sorted(set(classes)) if classes else available
@@ -374,6 +383,49 @@ def scan_dataset(root: str | Path, classes: Sequence[str] = ()) -> list[Sample]:
     if problems:
         raise DatasetError(problems)
     return sorted(samples, key=_sort_key)
+
+
+def _scan_roots(roots: Sequence[Path], classes: Sequence[str]) -> list[Sample]:
+    if len(roots) == 1:
+        return scan_dataset(roots[0], classes)
+    owner: dict[str, Path] = {}
+    for root in roots:
+        for name in list_classes(root):
+            if name in owner:
+                raise DatasetError(
+                    f"class {name!r} is in two dataset roots, {owner[name]} and {root}; "
+                    f"a class must come from one root (rename a folder or drop a root)"
+                )
+            owner[name] = root
+    unknown = sorted(set(classes) - owner.keys())
+    if unknown:
+        raise DatasetError(
+            f"no class folder {', '.join(map(repr, unknown))} in {', '.join(map(str, roots))} "
+            f"(available: {', '.join(sorted(owner))}); fix data.classes"
+        )
+    wanted = set(classes) or owner.keys()
+    samples = []
+    for root in roots:
+        names = [name for name in list_classes(root) if name in wanted]
+        samples += scan_dataset(root, names) if names else []
+    return sorted(samples, key=_sort_key)
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): `fraction` of each class's training normals held out, at least one
+    image per class when the fraction is > 0, and never a class's only image.
+
+    The split is a fixed function of the file names (every 1/fraction-th image in name order,
+    from the last), so every seed and variant holds out the same images.
+    """
+    kept, held = [], []
+    for _, group in itertools.groupby(sorted(samples, key=_sort_key), lambda s: s.class_name):
+        group = list(group)
+        count = min(len(group) - 1, math.ceil(fraction * len(group))) if fraction > 0 else 0
+        chosen = set(np.linspace(len(group) - 1, 0, count, dtype=int).tolist()) if count else set()
+        for index, sample in enumerate(group):
+            (held if index in chosen else kept).append(sample)
+    return kept, held
 
 
 def validate_dataset(samples: Sequence[Sample]) -> list[str]:

@@ -55,6 +55,10 @@ def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = Tru
         teacher,
         bottleneck,
         restoration_decoder=Decoder(dim, teacher.channels),
-        identity_decoder=Decoder(dim, teacher.channels) if config.identity_decoder else None,
+        identity_decoder=(
+            Decoder(dim, teacher.channels, skips=config.identity_skips)
+            if config.identity_decoder
+            else None
+        ),
         memory=memory,
     )

@@ -54,9 +54,13 @@ class Decoder(nn.Module):
     `channels` are the teacher's stage channels (shallow -> deep); the blocks run deep -> shallow,
     each doubling the resolution, so z at stride 2 * r_last yields maps at the teacher's strides
     when consecutive teacher stages differ by a factor 2 (checked by `build_model`).
+
+    [ours] With `skips`, each block's output also gets a 1x1 projection of the teacher's map at
+    that scale: a high-bandwidth path, so the identity decoder can keep what the compressed z
+    drops (the anomaly it must reproduce). The restoration decoder never has one.
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, channels: Sequence[int], skips: bool = False) -> None:
         super().__init__()
         channels = tuple(channels)
         if not channels:
@@ -65,10 +69,22 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(
             UpBlock(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         )
+        self.skips = (
+            nn.ModuleList(nn.Conv2d(c, c, kernel_size=1) for c in reversed(channels))
+            if skips
+            else None
+        )
 
-    def forward(self, z: Tensor) -> list[Tensor]:
-        # z: (B, D, H/(2 r_last), W/(2 r_last)); block k doubles the resolution.
-        deep_to_shallow = [self.blocks[0](z)]
-        for block in self.blocks[1:]:
-            deep_to_shallow.append(block(F.relu(deep_to_shallow[-1])))
+    def forward(self, z: Tensor, teacher: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """z (B, D, H/(2 r_last), W/(2 r_last)) -> maps; `teacher` (shallow -> deep) feeds the
+        skips and is ignored without them."""
+        skips = [None] * len(self.blocks)
+        if self.skips is not None:
+            if teacher is None:
+                raise ValueError("this decoder has teacher skips: pass the teacher's maps")
+            skips = [proj(f) for proj, f in zip(self.skips, teacher[::-1], strict=True)]
+        deep_to_shallow: list[Tensor] = []
+        for block, skip in zip(self.blocks, skips, strict=True):
+            x = block(F.relu(deep_to_shallow[-1]) if deep_to_shallow else z)  # doubles h, w
+            deep_to_shallow.append(x if skip is None else x + skip)
         return deep_to_shallow[::-1]  # [(B, C_i, H/r_i, W/r_i)] shallow -> deep

@@ -32,6 +32,7 @@ class MDDNetOutput(NamedTuple):
     identity: list[Tensor] | None  # D_I(z), None without identity decoder
     memory_logits: Tensor | None  # (B, num_classes), None without memory
     class_ids: Tensor | None  # (B,) class read from the memory (given or predicted)
+    attention: Tensor | None = None  # (B, h*w, K) the memory's attention, None without memory
 
 
 class MDDNet(nn.Module):
@@ -60,9 +61,11 @@ class MDDNet(nn.Module):
         teacher = self.teacher(image)  # [(B, C_i, H/r_i, W/r_i)]
         z = self.bottleneck(teacher)  # (B, D, H/(2 r_last), W/(2 r_last))
         if self.memory is None:
-            restoration_input, logits, read_ids = z, None, None
+            restoration_input, logits, read_ids, attention = z, None, None, None
         else:
-            restoration_input, logits, read_ids = self.memory(z, class_ids)
+            restoration_input, logits, read_ids, attention = self.memory(z, class_ids)
         restoration = self.restoration_decoder(restoration_input)
-        identity = None if self.identity_decoder is None else self.identity_decoder(z)
-        return MDDNetOutput(teacher, restoration, identity, logits, read_ids)
+        identity = None
+        if self.identity_decoder is not None:
+            identity = self.identity_decoder(z, teacher)  # the teacher feeds skips if it has them
+        return MDDNetOutput(teacher, restoration, identity, logits, read_ids, attention)
