@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from mddnet.benchmark import make_benchmark
 from mddnet.config import Config
 from mddnet.data.layout import DatasetError, Sample, scan_dataset, summarize, validate_dataset
-from mddnet.data.synthetic import make_benchmark
 from mddnet.io import write_text
 
 __all__ = ["PreparedDataset", "prepare_dataset"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mddnet.benchmark import make_benchmark
 from mddnet.config import Config, deep_merge, load_config
-from mddnet.data.synthetic import make_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["brick", "washer", "capsule"]

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from mddnet.benchmark import make_benchmark
 from mddnet.config import deep_merge, load_config
-from mddnet.data.synthetic import make_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,16 @@ LAYERS: list[set[str]] = [
     {"mddnet", "mddnet.config", "mddnet.imagenet", "mddnet.seed", "mddnet.device"},
     {"mddnet.distributed"},
     {"mddnet.io"},
-    {"mddnet.metrics", "mddnet.data.layout", "mddnet.data.anomalies", "mddnet.data.synthetic"},
+    {"mddnet.metrics", "mddnet.data.layout", "mddnet.data.anomalies"},
+    {
+        "mddnet.benchmark",
+        "mddnet.benchmark.canvas",
+        "mddnet.benchmark.textures",
+        "mddnet.benchmark.objects",
+        "mddnet.benchmark.defects",
+        "mddnet.benchmark.classes",
+        "mddnet.benchmark.writer",
+    },
     {"mddnet.data.visa", "mddnet.data.datasets", "mddnet.data.prepare", "mddnet.data"},
     {
         "mddnet.models",

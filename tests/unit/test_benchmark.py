@@ -12,17 +12,18 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from mddnet.cli import main
-from mddnet.config import BenchmarkConfig
-from mddnet.data import synthetic
-from mddnet.data.synthetic import (
+from mddnet import benchmark
+from mddnet.benchmark import (
     DEFECT_TYPES,
     KNOWN_CLASSES,
     MASK_TOLERANCE,
     make_benchmark,
     render_sample,
     sample_path,
+    writer,
 )
+from mddnet.cli import main
+from mddnet.config import BenchmarkConfig
 
 SIZE = 64
 TINY = BenchmarkConfig(
@@ -94,13 +95,13 @@ def test_tree_is_in_mvtec_layout_with_a_binary_mask_per_defect_image(bench: Path
 
 def test_benchmark_json_records_generator_seed_and_counts(bench: Path) -> None:
     info = json.loads((bench / "benchmark.json").read_text())
-    assert info["generator_version"] == synthetic.GENERATOR_VERSION
+    assert info["generator_version"] == benchmark.GENERATOR_VERSION
     assert info["seed"] == 7 and info["image_size"] == SIZE
     assert list(info["classes"]) == list(KNOWN_CLASSES)
     for name, counts in info["classes"].items():
         assert counts["train_good"] == 3 and counts["test_good"] == 2
         assert counts["test_defects"] == dict.fromkeys(DEFECT_TYPES[name], 1)
-        assert counts["kind"] == ("texture" if name in synthetic.TEXTURES else "object")
+        assert counts["kind"] == ("texture" if name in benchmark.TEXTURES else "object")
 
 
 @pytest.mark.parametrize("name", KNOWN_CLASSES)
@@ -185,6 +186,19 @@ def test_foreign_folder_is_refused_and_left_untouched(tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_a_benchmark_written_by_the_former_module_is_still_recognised_and_replaced(
+    tmp_path: Path,
+) -> None:
+    # Benchmarks on disk name the generator's former module, mddnet.data.synthetic.
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "benchmark.json").write_text(json.dumps({"generator": "mddnet.data.synthetic"}))
+    (out / "stale.png").write_bytes(b"")
+    make_benchmark(out, BenchmarkConfig(("washer",), 32, 1, 1, 1), seed=0)
+    assert not (out / "stale.png").exists()
+    assert json.loads((out / "benchmark.json").read_text())["generator"] == benchmark.GENERATOR
+
+
 def test_rerun_replaces_an_earlier_benchmark_and_leaves_no_temporary_folders(
     tmp_path: Path,
 ) -> None:
@@ -201,15 +215,15 @@ def test_interrupted_run_leaves_no_benchmark_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = synthetic.render_sample
+    real = writer.render_sample
 
-    def failing(*args: object) -> synthetic.SampleRendering:
+    def failing(*args: object) -> benchmark.SampleRendering:
         calls.append(args)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(synthetic, "render_sample", failing)
+    monkeypatch.setattr(writer, "render_sample", failing)
     with pytest.raises(KeyboardInterrupt):
         make_benchmark(tmp_path / "bench", BenchmarkConfig(("brick",), 32, 3, 1, 1), seed=0)
     assert list(tmp_path.iterdir()) == []
