@@ -131,25 +131,17 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from mddnet.notebook import project_root
     from mddnet.pipeline import PipelinePaths, write_pipeline, write_pipeline_params
 
     root = project_root()
-    if args.name is None:
-        paths, target = PipelinePaths(params=args.params), root / "dvc.yaml"
-    else:
-        folder = f"pipelines/{args.name}"
-        paths = PipelinePaths(
-            params=f"{folder}/params.yaml",
-            results=f"results/{args.name}",
-            artifacts=f"artifacts/{args.name}",
-        )
-        target = root / folder / "dvc.yaml"
-        write_pipeline_params(root / args.params, root / paths.params, args.name, args.data_root)
-    write_pipeline(root, paths, target)
-    relative = Path(target).relative_to(root)
+    paths = PipelinePaths.for_dataset(args.name)
+    if args.name is not None and (args.data_root or not (root / paths.params).is_file()):
+        write_pipeline_params(root, paths, args.params, args.name, args.data_root)
+    elif args.name is None and args.params != paths.params:
+        raise SystemExit("mddnet pipeline: --params other than params.yaml needs --name")
+    target = write_pipeline(root, paths)
+    relative = target.relative_to(root)
     print(f"wrote {relative}; run it with: dvc repro {relative}")
     return 0
 
@@ -175,7 +167,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         "pipelines/NAME/params.yaml -> pipelines/NAME/dvc.yaml (results/NAME/). With --name and "
         "--data-root, first write pipelines/NAME/params.yaml, which extends --params.",
     )
-    p.add_argument("--params", default="params.yaml", help="params file to start from")
+    p.add_argument("--params", default="params.yaml", help="params file a new pipeline extends")
     p.add_argument("--name", default=None, help="pipeline name (a dataset), e.g. mvtec_ad")
     p.add_argument(
         "--data-root", nargs="+", default=None, help="MVTec-layout dataset folder(s) for --name"

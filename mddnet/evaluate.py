@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -204,6 +205,11 @@ class EvaluationRun(NamedTuple):
     predictions: Predictions
     metrics: dict[str, Any]  # the metrics JSON: identity of the run + per-class and mean
     provenance: dict[str, Any]  # what produced it: data, teacher, seed, versions, device, times
+
+    def table(self, decimals: int = 1) -> pd.DataFrame:
+        """Per-class rows and the mean row, in percent (for display)."""
+        rows = {**self.metrics["per_class"], "mean": self.metrics["mean"]}
+        return (100 * pd.DataFrame.from_dict(rows, orient="index")).round(decimals)
 
 
 def evaluate_checkpoint(

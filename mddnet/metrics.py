@@ -36,6 +36,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 __all__ = [
+    "loss_plateau",
     "METRIC_NAMES",
     "PerClassMetrics",
     "compute_all",
@@ -427,3 +428,17 @@ def compute_per_class(
             raise ValueError(f"class {name!r}: {err}") from err
     mean = {key: float(np.mean([m[key] for m in per_class.values()])) for key in METRIC_NAMES}
     return PerClassMetrics(per_class, mean)
+
+
+def loss_plateau(values: Sequence[float]) -> float:
+    """Relative drop of the mean loss from the second-last to the last tenth of the steps.
+
+    A training diagnostic, not a detection metric: near 0 means the loss reached its plateau
+    (how a step budget is judged without looking at test results); NaN under 20 steps.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    tenth = len(values) // 10
+    if tenth < 2:
+        return float("nan")
+    before, last = values[-2 * tenth : -tenth].mean(), values[-tenth:].mean()
+    return float((before - last) / before) if before else 0.0

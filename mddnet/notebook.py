@@ -47,13 +47,26 @@ class Session:
         return [self.path(root) for root in self.config.data.root_paths()]
 
 
+class _RelativePaths(logging.Formatter):
+    """Log lines with paths under the project root shown relative to it, so executed notebooks
+    read the same on every clone (and name no machine's folders)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.prefix = f"{root}/"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace(self.prefix, "")
+
+
 def setup(params_file: str, variant: str | None = None, seed: int | None = None) -> Session:
     """Find the project root, show INFO logs in the notebook, load the config of one run, pin the
     CPU kernels (before any torch operation) and seed."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
-    )
     root = project_root()
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RelativePaths(root))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("timm").setLevel(logging.WARNING)  # its INFO lines name site-packages
     params = load_params(root / params_file)
     config = params.config(variant, seed)
     pin_cpu_kernels(config.cpu)

@@ -1,344 +1,409 @@
-"""The DVC pipeline, rendered from a params file: one definition for every dataset.
+"""The DVC pipeline of a params file, rendered once per dataset by `mddnet pipeline`.
 
-`dvc.yaml` (the offline default) and `pipelines/<name>/dvc.yaml` (a real dataset, e.g. MVTec AD
-or any folder in its layout) are written by `render_pipeline`, so the stage graph exists once, in
-code, instead of in copied YAML files. Each stage runs one notebook with papermill; its deps are
-the notebook, the package modules the notebook imports (found by reading the imports, transitively,
-so a change to a module reruns exactly the stages that use it), and the files earlier stages wrote.
+`dvc.yaml` (the offline default) and `pipelines/<name>/dvc.yaml` (a real dataset) have the same
+stages, so they are written from one definition: one short function per stage below. Each stage
+runs one notebook with papermill; its deps are the notebook, the package modules it computes with
+(`STAGE_MODULES`, stated by hand and checked by a test that imports what each notebook imports),
+the params sections it reads, and the files earlier stages wrote. Trained runs are `foreach`
+items named `<variant>-s<seed>`: the component chain (`report.chain`) and the variants that
+evaluate a chain checkpoint run once per seed, every other variant once, with the first seed.
 """
 
 from __future__ import annotations
 
-import ast
-import json
-import logging
-import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mddnet.config import load_config
+from mddnet.config import Params, load_params, read_params
 from mddnet.io import write_text
 
 __all__ = [
     "NOTEBOOKS",
+    "STAGE_MODULES",
+    "STAGE_SECTIONS",
     "PipelinePaths",
-    "notebook_modules",
     "render_pipeline",
+    "runs",
     "write_pipeline",
     "write_pipeline_params",
 ]
-
-log = logging.getLogger(__name__)
 
 NOTEBOOKS = {
     "prepare": "notebooks/01_prepare_data.ipynb",
     "train": "notebooks/02_train.ipynb",
     "evaluate": "notebooks/03_evaluate.ipynb",
-    "main_results": "notebooks/04_main_results.ipynb",
-    "ablations": "notebooks/05_ablations.ipynb",
-    "figures": "notebooks/06_figures.ipynb",
+    "reference": "notebooks/04_reference.ipynb",
+    "main_results": "notebooks/05_main_results.ipynb",
+    "ablations": "notebooks/06_ablations.ipynb",
+    "figures": "notebooks/07_figures.ipynb",
 }
 
+_SETUP = ["mddnet/__init__.py", "mddnet/config.py", "mddnet/errors.py", "mddnet/io.py"]
+_SESSION = [*_SETUP, "mddnet/kernels.py", "mddnet/notebook.py", "mddnet/seed.py"]
+_DATA = ["mddnet/data/__init__.py", "mddnet/data/layout.py"]
+_MODEL = ["mddnet/models", "mddnet/imagenet.py", "mddnet/device.py", "mddnet/scoring.py"]
+_TRAINED = [
+    *_MODEL,
+    "mddnet/data/anomalies.py",
+    "mddnet/data/datasets.py",
+    "mddnet/calibration.py",
+    "mddnet/checkpoint.py",
+    "mddnet/metrics.py",
+]
+# The package modules each stage computes with; display-only modules never count.
+STAGE_MODULES = {
+    "prepare": [
+        *_SESSION,
+        *_DATA,
+        "mddnet/data/prepare.py",
+        "mddnet/benchmark",
+        "mddnet/plots.py",
+        "mddnet/metrics.py",
+        "mddnet/report.py",
+    ],
+    "train": [
+        *_SESSION,
+        *_DATA,
+        *_TRAINED,
+        "mddnet/distributed.py",
+        "mddnet/losses.py",
+        "mddnet/train.py",
+    ],
+    "evaluate": [*_SESSION, *_DATA, *_TRAINED, "mddnet/evaluate.py"],
+    "reference": [
+        *_SESSION,
+        *_DATA,
+        *_MODEL,
+        "mddnet/data/datasets.py",
+        "mddnet/metrics.py",
+        "mddnet/reference.py",
+    ],
+    "main_results": [*_SESSION, "mddnet/report.py"],
+    "ablations": [*_SESSION, "mddnet/report.py"],
+    "figures": [
+        *_SESSION,
+        *_DATA,
+        *_TRAINED,
+        "mddnet/evaluate.py",
+        "mddnet/report.py",
+        "mddnet/plots.py",
+    ],
+}
+# The evaluate settings that calibration, at the end of training, scores validation images with.
+_CALIBRATION_KEYS = [
+    f"evaluate.{k}" for k in ("batch_size", "blur_sigma", "topk", "aupro_fpr_limit")
+]
+# The params sections each stage reads (the run's variant override comes on top for runs).
+STAGE_SECTIONS = {
+    "prepare": ["cpu", "data", "figures"],
+    "train": ["cpu", "data", "model", "train", "calibration", *_CALIBRATION_KEYS],
+    "evaluate": ["cpu", "data", "model", "train", "evaluate"],
+    "reference": ["cpu", "data", "model", "evaluate", "reference"],
+    "main_results": ["data", "model", "report"],
+    "ablations": ["data", "model", "report"],
+    "figures": ["data", "model", "report", "figures"],
+}
 TABLE_FORMATS = ("csv", "md", "tex")
-
 HEADER = (
-    "# Rendered by `mddnet pipeline` from {params}; do not edit by hand:\n"
-    "# change mddnet/pipeline.py or the params file and render again.\n"
+    "# Rendered by `mddnet pipeline` from {params}; change the params or mddnet/pipeline.py and\n"
+    "# render again (a test fails while this file is stale).\n"
 )
 
 
 @dataclass(frozen=True)
 class PipelinePaths:
-    """Where one pipeline reads its params and writes its products (relative to the repo root)."""
+    """Where one pipeline reads its params and writes its products (relative to the repo root).
+
+    The offline default is the root pipeline (`params.yaml`, `results/`, `artifacts/`); a
+    dataset NAME has `pipelines/NAME/params.yaml`, `results/NAME/`, `artifacts/NAME/`.
+    """
 
     params: str = "params.yaml"
     results: str = "results"
     artifacts: str = "artifacts"
+    dvc_yaml: str = "dvc.yaml"
 
-    @property
-    def checkpoints(self) -> str:
-        return f"{self.artifacts}/checkpoints"
+    @classmethod
+    def for_dataset(cls, name: str | None) -> PipelinePaths:
+        if name is None:
+            return cls()
+        folder = f"pipelines/{name}"
+        return cls(
+            f"{folder}/params.yaml", f"results/{name}", f"artifacts/{name}", f"{folder}/dvc.yaml"
+        )
 
-    @property
-    def predictions(self) -> str:
-        return f"{self.artifacts}/predictions"
+    def checkpoint(self, run: str) -> str:
+        return f"{self.artifacts}/checkpoints/{run}.pt"
+
+    def executed(self, stage: str, run: str | None = None) -> str:
+        """Where papermill keeps a stage's executed notebook (one folder per stage with runs)."""
+        name = Path(NOTEBOOKS[stage]).stem
+        return (
+            f"{self.results}/notebooks/{name}/{run}.ipynb"
+            if run
+            else f"{self.results}/notebooks/{name}.ipynb"
+        )
 
 
-def _module_file(repo: Path, module: str) -> Path | None:
-    base = repo / Path(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+class _Flow(dict):
+    """A mapping written on one line (`{variant: mddnet, seed: 0}`) in dvc.yaml."""
 
 
-class _ImportCollector(ast.NodeVisitor):
-    """Modules of `mddnet` a source imports at run time (`if TYPE_CHECKING:` blocks are hints).
+yaml.SafeDumper.add_representer(
+    _Flow,
+    lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True),
+)
 
-    In `from mddnet.x import y`, y may be a module too, so both names are collected and the
-    caller keeps those that exist as files.
+
+def runs(params: Params, trained: bool) -> dict[str, dict[str, Any]]:
+    """`{<variant>-s<seed>: {variant, seed, checkpoint}}` of the trained (or evaluated) runs.
+
+    Chain variants, and variants that evaluate a chain variant's checkpoint, get every seed;
+    the others get the first seed.
     """
-
-    def __init__(self) -> None:
-        self.found: set[str] = set()
-
-    def visit_If(self, node: ast.If) -> None:  # noqa: N802 (ast.NodeVisitor's naming)
-        if "TYPE_CHECKING" not in ast.unparse(node.test):
-            self.generic_visit(node)
-
-    def visit_Import(self, node: ast.Import) -> None:  # noqa: N802
-        self.found |= {a.name for a in node.names if _ours(a.name)}
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:  # noqa: N802
-        if node.level == 0 and node.module and _ours(node.module):
-            self.found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
-
-
-def _ours(module: str) -> bool:
-    return module.split(".")[0] == "mddnet"
-
-
-def _imports(source: str) -> set[str]:
-    collector = _ImportCollector()
-    collector.visit(ast.parse(source))
-    return collector.found
-
-
-def notebook_modules(repo: Path, notebook: str) -> list[str]:
-    """Package files a notebook depends on: its imports and theirs, transitively (posix paths)."""
-    cells = json.loads((repo / notebook).read_text(encoding="utf-8"))["cells"]
-    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    pending, files = _imports(source), set()
-    seen: set[str] = set()
-    while pending:
-        module = pending.pop()
-        if module in seen:
+    chain = set(params.base.report.chain)
+    found = {}
+    for name, variant in params.variants.items():
+        source = variant.checkpoint or name
+        if trained and variant.checkpoint is not None:
             continue
-        seen.add(module)
-        path = _module_file(repo, module)
-        if path is None:
-            continue  # `from mddnet.x import name` where name is not a module
-        files.add(path.relative_to(repo).as_posix())
-        parts = module.split(".")
-        # importing a submodule runs its parent packages' __init__ files too
-        pending |= {".".join(parts[:i]) for i in range(1, len(parts))}
-        pending |= _imports(path.read_text(encoding="utf-8"))
-    return sorted(files)
+        seeds = params.base.seeds if source in chain else params.base.seeds[:1]
+        for seed in seeds:
+            run = _Flow(variant=name, seed=seed)
+            if not trained:
+                run["checkpoint"] = f"{source}-s{seed}"
+            found[f"{name}-s{seed}"] = run
+    return found
 
 
-def _quoted(value: str) -> str:
-    """Shell-quote a value unless it is a plain path (DVC's `${item}` stays readable)."""
-    return value if re.fullmatch(r"[\w./${}-]+", value) else shlex.quote(value)
+def _papermill(
+    paths: PipelinePaths, stage: str, executed: str, parameters: Mapping[str, Any]
+) -> str:
+    folder = str(Path(executed).parent)
+    args = [
+        f"-p {key} {value}" for key, value in {"params_file": paths.params, **parameters}.items()
+    ]
+    notebook = NOTEBOOKS[stage]
+    run = f"python -m papermill {notebook} {executed} --log-output"
+    return f"mkdir -p {shlex.quote(folder)} && {run} " + " ".join(args)
 
 
-def _papermill(stage: str, executed: str, parameters: dict[str, Any]) -> str:
-    """The papermill command line of a stage (creates the folder papermill needs)."""
-    folder = str(PurePosixPath(executed).parent)
-    args = " ".join(f"-p {k} {_quoted(str(v))}" for k, v in parameters.items())
-    return (
-        f"mkdir -p {folder} && python -m papermill {NOTEBOOKS[stage]} {executed} "
-        f"--log-output {args}"
-    )
+def _params(
+    chain: Iterable[Path], repo: Path, stage: str, run_variant: bool
+) -> list[dict[str, list[str]]]:
+    """The `params:` entry: each file of the extends chain with the stage's sections it sets."""
+    entries = []
+    for file in chain:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        keys = [s for s in STAGE_SECTIONS[stage] if _has_key(raw, s)]
+        if run_variant and "variants" in raw:
+            keys.append("variants.${item.variant}")
+        if keys:
+            entries.append({file.relative_to(repo).as_posix(): keys})
+    return entries
 
 
-def _deps(repo: Path, stage: str, extra: Iterable[str] = ()) -> list[str]:
-    return [NOTEBOOKS[stage], *notebook_modules(repo, NOTEBOOKS[stage]), *extra]
+def _has_key(raw: Mapping[str, Any], dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(raw, Mapping) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
 
 
 def _uncached(paths: Iterable[str]) -> list[dict[str, dict[str, bool]]]:
-    """Small products committed to git (DVC tracks them but does not cache or gitignore them)."""
-    return [{p: {"cache": False}} for p in paths]
+    return [{path: {"cache": False}} for path in paths]
 
 
-def _executed(paths: PipelinePaths, name: str) -> str:
-    return f"{paths.results}/notebooks/{name}.ipynb"
+class _Stages:
+    """The stage definitions of one pipeline (one short method per stage)."""
 
+    def __init__(self, repo: Path, paths: PipelinePaths) -> None:
+        self.repo, self.paths = repo, paths
+        self.params = load_params(repo / paths.params)
+        _, chain = read_params(repo / paths.params)
+        self.chain = [Path(p).resolve() for p in chain]
+        self.data = [root.as_posix() for root in self.params.base.data.root_paths()]
 
-def render_pipeline(repo: Path, paths: PipelinePaths, wdir: str | None = None) -> dict[str, Any]:
-    """The dvc.yaml content for the params file `paths.params` (a plain dict, ready for YAML)."""
-    config = load_config(repo / paths.params)
-    train_variants = [n for n, v in config.variants.items() if v.checkpoint is None]
-    evaluated = {n: (v.checkpoint or n) for n, v in config.variants.items()}
-    res, p = paths.results, paths.params
-    data_root = config.data.root
-    stages: dict[str, Any] = {}
+    def _deps(self, stage: str, extra: Iterable[str] = ()) -> list[str]:
+        return [NOTEBOOKS[stage], *STAGE_MODULES[stage], *extra]
 
-    prepare_outs = [f"{res}/data/summary.csv"]
-    prepare_figures = [f"{res}/figures/data_samples.{fmt}" for fmt in config.figures.formats]
-    stages["prepare"] = {
-        "cmd": _papermill(
-            "prepare",
-            _executed(paths, "01_prepare_data"),
-            {
-                "params_file": p,
-                "summary_out": prepare_outs[0],
-                "samples_figure": f"{res}/figures/data_samples",
-            },
-        ),
-        "deps": _deps(repo, "prepare", [] if config.data.generate else [data_root]),
-        "params": [{p: ["seed", "data", "figures"]}],
-        "outs": ([data_root] if config.data.generate else [])
-        + _uncached([*prepare_outs, *prepare_figures, _executed(paths, "01_prepare_data")]),
-    }
-
-    stages["train"] = {
-        "foreach": train_variants,
-        "do": {
-            "cmd": _papermill(
-                "train",
-                _executed(paths, "02_train_${item}"),
-                {
-                    "params_file": p,
-                    "variant": "${item}",
-                    "checkpoint": f"{paths.checkpoints}/${{item}}.pt",
-                    "losses_csv": f"{res}/losses/${{item}}.csv",
-                },
-            ),
-            # the summary ties training to the prepare stage, which validates real data first
-            "deps": _deps(repo, "train", [data_root, prepare_outs[0]]),
-            "params": [{p: ["seed", "data", "model", "train", "variants.${item}"]}],
+    def prepare(self) -> dict[str, Any]:
+        p, config = self.paths, self.params.base
+        summary, samples = f"{p.results}/data/summary.csv", f"{p.results}/figures/data_samples"
+        figures = [f"{samples}.{ext}" for ext in dict.fromkeys((*config.figures.formats, "png"))]
+        parameters = {"summary_out": summary, "samples_figure": samples}
+        return {
+            "cmd": _papermill(p, "prepare", p.executed("prepare"), parameters),
+            "deps": self._deps("prepare", [] if config.data.generate else self.data),
+            "params": _params(self.chain, self.repo, "prepare", False),
             "outs": [
-                f"{paths.checkpoints}/${{item}}.pt",
-                *_uncached([_executed(paths, "02_train_${item}")]),
+                *(self.data if config.data.generate else []),
+                *_uncached([summary, *figures, p.executed("prepare")]),
             ],
-            "plots": [
-                {f"{res}/losses/${{item}}.csv": {"cache": False, "x": "step", "y": "total"}}
-            ],
-        },
-    }
+        }
 
-    stages["evaluate"] = {
-        "foreach": evaluated,
-        "do": {
-            "cmd": _papermill(
-                "evaluate",
-                _executed(paths, "03_evaluate_${key}"),
-                {
-                    "params_file": p,
-                    "variant": "${key}",
-                    "checkpoint": f"{paths.checkpoints}/${{item}}.pt",
-                    "predictions_out": f"{paths.predictions}/${{key}}.npz",
-                    "metrics_out": f"{res}/metrics/${{key}}.json",
-                    "provenance_out": f"{res}/provenance/${{key}}.json",
-                },
-            ),
-            "deps": _deps(repo, "evaluate", [data_root, f"{paths.checkpoints}/${{item}}.pt"]),
-            "params": [{p: ["seed", "data", "evaluate", "variants.${key}"]}],
-            "outs": [
-                f"{paths.predictions}/${{key}}.npz",
-                *_uncached(
-                    [f"{res}/provenance/${{key}}.json", _executed(paths, "03_evaluate_${key}")]
-                ),
-            ],
-            "metrics": _uncached([f"{res}/metrics/${{key}}.json"]),
-        },
-    }
-
-    metrics = {n: f"{res}/metrics/{n}.json" for n in evaluated}
-    tables = f"{res}/tables"
-    main = config.report.main_variant
-    stages["main_results"] = {
-        "cmd": _papermill(
-            "main_results",
-            _executed(paths, "04_main_results"),
-            {"params_file": p, "metrics_dir": f"{res}/metrics", "tables_dir": tables},
-        ),
-        "deps": _deps(
-            repo,
-            "main_results",
-            [
-                *sorted({metrics[n] for n in (main, *config.report.reproduced)}),
-                config.report.reference,
-            ],
-        ),
-        "params": [{p: ["data.dataset", "data.image_size", "model", "report"]}],
-        "outs": _uncached(
-            [
-                f"{tables}/{t}.{ext}"
-                for t in ("main", "paper_vs_reproduced")
-                for ext in TABLE_FORMATS
-            ]
-            + [_executed(paths, "04_main_results")]
-        ),
-    }
-    stages["ablations"] = {
-        "cmd": _papermill(
-            "ablations",
-            _executed(paths, "05_ablations"),
-            {"params_file": p, "metrics_dir": f"{res}/metrics", "tables_dir": tables},
-        ),
-        "deps": _deps(
-            repo,
-            "ablations",
-            [metrics[n] for n in (*config.report.ablation, *config.report.scoring)],
-        ),
-        "params": [{p: ["data.dataset", "data.image_size", "model", "report", "variants"]}],
-        "outs": _uncached(
-            [f"{tables}/{t}.{ext}" for t in ("ablation", "scoring") for ext in TABLE_FORMATS]
-            + [_executed(paths, "05_ablations")]
-        ),
-    }
-    figures = f"{res}/figures"
-    figure_names = ("qualitative", "per_class", "ablation", "losses", "roc_pr", "prototypes")
-    stages["figures"] = {
-        "cmd": _papermill(
-            "figures",
-            _executed(paths, "06_figures"),
-            {
-                "params_file": p,
-                "metrics_dir": f"{res}/metrics",
-                "losses_dir": f"{res}/losses",
-                "predictions_dir": paths.predictions,
-                "checkpoints_dir": paths.checkpoints,
-                "figures_dir": figures,
+    def train(self) -> dict[str, Any]:
+        p = self.paths
+        checkpoint = p.checkpoint("${key}")
+        losses = f"{p.results}/losses/${{key}}.csv"
+        executed = p.executed("train", "${key}")
+        parameters = {
+            "variant": "${item.variant}",
+            "seed": "${item.seed}",
+            "checkpoint": checkpoint,
+            "losses_csv": losses,
+        }
+        return {
+            "foreach": runs(self.params, trained=True),
+            "do": {
+                "cmd": _papermill(p, "train", executed, parameters),
+                "deps": self._deps("train", [*self.data, f"{p.results}/data/summary.csv"]),
+                "params": _params(self.chain, self.repo, "train", True),
+                "outs": [checkpoint, *_uncached([executed])],
+                "plots": [{losses: {"cache": False, "x": "step", "y": "total"}}],
             },
-        ),
-        "deps": _deps(
-            repo,
-            "figures",
-            [
-                *[metrics[n] for n in config.report.ablation],
-                *[f"{res}/losses/{n}.csv" for n in config.figures.compare],
-                *[f"{paths.predictions}/{n}.npz" for n in config.figures.compare],
-                f"{paths.checkpoints}/{main}.pt",
-            ],
-        ),
-        "params": [{p: ["data.dataset", "report", "figures", "variants"]}],
-        "outs": _uncached(
-            [f"{figures}/{name}.{fmt}" for name in figure_names for fmt in config.figures.formats]
-            + [_executed(paths, "06_figures")]
-        ),
-    }
-    if wdir is not None:
-        for stage in stages.values():
-            target = stage.get("do", stage)
-            target["wdir"] = wdir
-    return {"stages": stages}
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        p = self.paths
+        executed = p.executed("evaluate", "${key}")
+        parameters = {
+            "variant": "${item.variant}",
+            "seed": "${item.seed}",
+            "checkpoint": p.checkpoint("${item.checkpoint}"),
+            "predictions_out": f"{p.artifacts}/predictions/${{key}}.npz",
+            "metrics_out": f"{p.results}/metrics/${{key}}.json",
+            "provenance_out": f"{p.results}/provenance/${{key}}.json",
+        }
+        return {
+            "foreach": runs(self.params, trained=False),
+            "do": {
+                "cmd": _papermill(p, "evaluate", executed, parameters),
+                "deps": self._deps("evaluate", [*self.data, p.checkpoint("${item.checkpoint}")]),
+                "params": _params(self.chain, self.repo, "evaluate", True),
+                "outs": [
+                    parameters["predictions_out"],
+                    *_uncached(
+                        [parameters["provenance_out"], parameters["metrics_out"], executed]
+                    ),
+                ],
+            },
+        }
+
+    def reference(self) -> dict[str, Any]:
+        p = self.paths
+        metrics = f"{p.results}/metrics/reference.json"
+        return {
+            "cmd": _papermill(p, "reference", p.executed("reference"), {"metrics_out": metrics}),
+            "deps": self._deps("reference", self.data),
+            "params": _params(self.chain, self.repo, "reference", False),
+            "outs": _uncached([metrics, p.executed("reference")]),
+        }
+
+    def _tables(
+        self, stage: str, tables: Iterable[str], extra_outs: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        p = self.paths
+        files = [f"{p.results}/tables/{t}.{ext}" for t in tables for ext in TABLE_FORMATS]
+        parameters = {"metrics_dir": f"{p.results}/metrics", "tables_dir": f"{p.results}/tables"}
+        if extra_outs:
+            parameters["summary_dir"] = f"{p.results}/summary"
+        return {
+            "cmd": _papermill(p, stage, p.executed(stage), parameters),
+            "deps": self._deps(
+                stage, [f"{p.results}/metrics", "references/published_results.csv"]
+            ),
+            "params": _params(self.chain, self.repo, stage, False),
+            "outs": _uncached([*files, p.executed(stage)]),
+        }
+
+    def main_results(self) -> dict[str, Any]:
+        stage = self._tables("main_results", ["main", "paper_vs_reproduced"], ["summary"])
+        summaries = [f"{self.paths.results}/summary/{name}.json" for name in self._summarised()]
+        stage["metrics"] = _uncached(summaries)
+        return stage
+
+    def _summarised(self) -> list[str]:
+        return list(
+            dict.fromkeys(run["variant"] for run in runs(self.params, trained=False).values())
+        )
+
+    def ablations(self) -> dict[str, Any]:
+        return self._tables("ablations", ["ablation", "scoring"])
+
+    def figures(self) -> dict[str, Any]:
+        p, config = self.paths, self.params.base
+        names = [
+            "qualitative",
+            "per_class",
+            "ablation",
+            "losses",
+            "roc_pr",
+            "prototypes",
+        ]
+        formats = dict.fromkeys((*config.figures.formats, "png"))  # the PNG is what notebooks show
+        files = [f"{p.results}/figures/{n}.{ext}" for n in names for ext in formats]
+        parameters = {
+            "metrics_dir": f"{p.results}/metrics",
+            "losses_dir": f"{p.results}/losses",
+            "predictions_dir": f"{p.artifacts}/predictions",
+            "checkpoints_dir": f"{p.artifacts}/checkpoints",
+            "figures_dir": f"{p.results}/figures",
+        }
+        deps = [
+            *self.data,
+            f"{p.results}/metrics",
+            f"{p.results}/losses",
+            f"{p.artifacts}/predictions",
+            f"{p.artifacts}/checkpoints",
+        ]
+        return {
+            "cmd": _papermill(p, "figures", p.executed("figures"), parameters),
+            "deps": self._deps("figures", deps),
+            "params": _params(self.chain, self.repo, "figures", False),
+            "outs": _uncached([*files, p.executed("figures")]),
+        }
 
 
-def write_pipeline_params(source: Path, target: Path, name: str, data_root: str | None) -> Path:
-    """Copy a params file for pipeline `name`: `data.dataset = name`, `data.root = data_root`.
+def render_pipeline(repo: Path, paths: PipelinePaths) -> dict[str, Any]:
+    """The `dvc.yaml` content of the pipeline at `paths` (its stages, in run order)."""
+    stages = _Stages(Path(repo), paths)
+    content: dict[str, Any] = {"stages": {name: getattr(stages, name)() for name in NOTEBOOKS}}
+    depth = len(Path(paths.dvc_yaml).parent.parts)
+    if depth:  # a dvc.yaml under pipelines/NAME/ runs its commands from the repository root
+        for stage in content["stages"].values():
+            stage.get("do", stage)["wdir"] = "/".join([".."] * depth)
+    return content
 
-    The copy is validated before it replaces `target`, so a bad key fails here and leaves no
-    file behind.
-    """
-    raw = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    raw["data"]["dataset"] = name
-    if data_root is not None:
-        raw["data"]["root"] = data_root
+
+def write_pipeline_params(
+    repo: Path, paths: PipelinePaths, extends: str, name: str, roots: list[str] | None
+) -> Path:
+    """Write `paths.params` for dataset `name`: it extends `extends` and sets the dataset name
+    and, when given, its roots. Validated before it replaces an existing file."""
+    target = repo / paths.params
+    base = Path(extends).resolve()
+    relative = Path(
+        *([".."] * len(Path(paths.params).parent.parts)), base.relative_to(repo.resolve())
+    )
+    data: dict[str, Any] = {"dataset": name}
+    if roots:
+        data["root"] = roots[0] if len(roots) == 1 else roots
     text = (
-        f"# Params of pipeline {name!r}, written by `mddnet pipeline` from {source.name};\n"
-        f"# edit freely (comments of the source are in {source.name}).\n"
-    ) + yaml.safe_dump(raw, sort_keys=False, width=99)
+        f"# Pipeline {name!r}: what differs from {relative.as_posix()} (written by `mddnet "
+        f"pipeline`; edit freely, then render again).\n"
+        + yaml.safe_dump({"extends": relative.as_posix(), "data": data}, sort_keys=False)
+    )
     draft = target.with_name(f".{target.name}.draft")
     write_text(draft, text)
     try:
-        load_config(draft)
+        load_params(draft)
     except BaseException:
         draft.unlink()
         raise
@@ -346,15 +411,12 @@ def write_pipeline_params(source: Path, target: Path, name: str, data_root: str 
     return target
 
 
-def write_pipeline(repo: Path, paths: PipelinePaths, target: Path) -> Path:
-    """Render and write a dvc.yaml; `target` is the dvc.yaml path (its folder sets `wdir`)."""
-    repo, target = Path(repo).resolve(), Path(target).resolve()
-    depth = len(target.parent.relative_to(repo).parts)
-    wdir = "/".join([".."] * depth) if depth else None
-    content = render_pipeline(repo, paths, wdir)
+def write_pipeline(repo: Path, paths: PipelinePaths) -> Path:
+    """Render and write `paths.dvc_yaml`."""
+    content = render_pipeline(repo, paths)
     text = HEADER.format(params=paths.params) + yaml.safe_dump(
         content, sort_keys=False, width=1000
     )
+    target = Path(repo) / paths.dvc_yaml
     write_text(target, text)
-    log.info("wrote %s (%d stages) for %s", target, len(content["stages"]), paths.params)
     return target

@@ -32,17 +32,29 @@ from sklearn.metrics import (
 
 from mddnet.data.layout import Sample, load_image, load_mask
 from mddnet.io import write_bytes
-from mddnet.report import HEADERS, METRICS, main_table
+from mddnet.metrics import loss_plateau
+from mddnet.report import (
+    HEADERS,
+    METRICS,
+    REFERENCE_RUN,
+    ablation_table,
+    load_runs,
+    main_table,
+    summarise,
+)
 
 if TYPE_CHECKING:
+    from mddnet.config import Config, Params
     from mddnet.evaluate import Predictions
 
 __all__ = [
     "LOSS_TERMS",
     "ablation_chart",
+    "data_samples_figure",
     "dataset_samples",
     "loss_curves",
     "per_class_bars",
+    "pipeline_figures",
     "prototype_projection",
     "qualitative_grid",
     "roc_pr_curves",
@@ -59,7 +71,7 @@ _PROJECTION_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 _MAP_COLUMNS: tuple[tuple[str, str], ...] = (
     ("teacher-restoration", "teacher_restoration"),
     ("restoration-identity", "restoration_identity"),
-    ("fused", "maps"),
+    ("fused", "fused"),
 )
 
 
@@ -233,82 +245,75 @@ def qualitative_grid(
 
 
 def per_class_bars(
-    metrics: Mapping[str, Any],
+    table: pd.DataFrame,
     metrics_to_show: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
     *,
     style: str = "whitegrid",
 ) -> Figure:
-    """Grouped bars (percent) per class and for the mean, one colour per metric."""
+    """Grouped bars (percent) per class and for the mean, one colour per metric, with error bars
+    of the sd over seeds (`report.main_table`'s `<metric>_sd` columns; none for one seed)."""
     unknown = [m for m in metrics_to_show if m not in HEADERS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r} (expected one of: {', '.join(METRICS)})")
-    table = main_table(metrics)[list(metrics_to_show)]
-    long = (
-        (100 * table)
-        .rename(columns=HEADERS)
-        .reset_index()
-        .melt(id_vars="class", var_name="metric", value_name="percent")
-    )
+    colours = sns.color_palette("tab10", len(metrics_to_show))
+    width = 0.8 / len(metrics_to_show)
+    x = np.arange(len(table))
     with _styled(style):
-        fig = Figure(figsize=(max(5.0, 1.2 + 0.15 * len(long)), 3.4), layout="constrained")
+        fig = Figure(figsize=(max(5.0, 1.2 + 0.45 * len(x) * len(metrics_to_show)), 3.4))
+        fig.set_layout_engine("constrained")
         ax = fig.subplots()
-        sns.barplot(data=long, x="class", y="percent", hue="metric", ax=ax)
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("")
-        ax.set_ylabel("%")
-        ax.tick_params(axis="x", labelrotation=45)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
-        # Above the axes: inside, it would cover the bars.
-        sns.move_legend(
-            ax,
-            "lower center",
+        for i, metric in enumerate(metrics_to_show):
+            sd = table.get(f"{metric}_sd")
+            ax.bar(
+                x + (i - (len(metrics_to_show) - 1) / 2) * width,
+                100 * table[metric],
+                width,
+                yerr=None if sd is None or sd.isna().all() else 100 * sd.fillna(0),
+                capsize=2,
+                color=colours[i],
+                label=HEADERS[metric],
+            )
+        ax.set_xticks(x, table.index, rotation=45, ha="right")
+        ax.set(ylim=(0, 100), ylabel="%")
+        ax.legend(
+            loc="lower center",
             bbox_to_anchor=(0.5, 1.0),
             ncols=len(metrics_to_show),
-            title=None,
             frameon=False,
         )
     return fig
 
 
-def ablation_chart(ablation_frame: pd.DataFrame, *, style: str = "white") -> Figure:
-    """Heatmap of variants x metrics, annotated in percent.
+ABLATION_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "mad")
 
-    Colour is the value's position between its column's min and max, because the metrics span
-    very different ranges (P-AP near 50 %, AUROCs near 100 %): one shared scale would hide the
-    differences between variants, which are what an ablation is about.
+
+def ablation_chart(ablation_frame: pd.DataFrame, *, style: str = "whitegrid") -> Figure:
+    """Mean over classes of each variant with the sd over its seeds as error bars, one panel per
+    metric; the training-free reference (`report.REFERENCE_RUN` row) is a dashed line.
+
+    Each panel has its own x range, because the metrics span very different ranges; the error
+    bars show which gaps between variants are larger than the seed-to-seed spread.
     """
-    columns = [c for c in ablation_frame.columns if c in HEADERS]
-    values = ablation_frame[columns].astype(float)  # (V, M) fractions
-    spread = (values.max() - values.min()).replace(0.0, np.nan)
-    position = ((values - values.min()) / spread).fillna(0.5)  # constant column: mid colour
-    names = ablation_frame.get("label", ablation_frame.index)
+    reference = (
+        ablation_frame.loc[REFERENCE_RUN] if REFERENCE_RUN in ablation_frame.index else None
+    )
+    rows = ablation_frame.drop(index=REFERENCE_RUN, errors="ignore")
+    names = list(rows.get("label", rows.index))
+    y = np.arange(len(rows))[::-1]
     with _styled(style):
-        fig = Figure(
-            figsize=(
-                1.0 + 0.75 * len(columns) + 0.08 * max(map(len, names)),
-                0.9 + 0.32 * len(values),
-            ),
-            layout="constrained",
-        )
-        ax = fig.subplots()
-        sns.heatmap(
-            position.to_numpy(),
-            annot=100 * values.to_numpy(),
-            fmt=".1f",
-            cmap="RdYlGn",
-            vmin=0,
-            vmax=1,
-            cbar=False,
-            linewidths=0.5,
-            xticklabels=[HEADERS[c] for c in columns],
-            yticklabels=list(names),
-            annot_kws={"fontsize": 7},
-            ax=ax,
-        )
-        ax.xaxis.tick_top()
-        ax.tick_params(length=0)
-        ax.set_title("percent; colour: low to high within each column", fontsize=8, loc="left")
+        fig = Figure(figsize=(3.0 + 2.2 * len(ABLATION_METRICS), 0.9 + 0.32 * len(rows)))
+        fig.set_layout_engine("constrained")
+        axes = fig.subplots(1, len(ABLATION_METRICS), sharey=True)
+        for ax, metric in zip(axes, ABLATION_METRICS, strict=True):
+            sd = rows.get(f"{metric}_sd", pd.Series(np.nan, index=rows.index)).fillna(0)
+            ax.errorbar(100 * rows[metric], y, xerr=100 * sd, fmt="o", ms=4, capsize=2, color="C0")
+            if reference is not None:
+                ax.axvline(100 * reference[metric], ls="--", color="grey", lw=1, label="reference")
+            ax.set_title(HEADERS[metric], fontsize=9)
+            ax.set_xlabel("%")
+        axes[0].set_yticks(y, names, fontsize=7)
+        if reference is not None:
+            axes[-1].legend(loc="lower right", fontsize=7, frameon=False)
     return fig
 
 
@@ -332,7 +337,8 @@ def loss_curves(
 
     Each line is a centred moving average over one epoch of steps: per-batch losses are too
     noisy to tell several variants apart. A term that is zero throughout a run (removed in that
-    variant) is not drawn.
+    variant) is not drawn. The legend gives each run's loss plateau (`metrics.loss_plateau`):
+    how much the total loss still changed over the last tenth of the steps.
     """
     logs = {name: _read_losses(Path(path)) for name, path in csv_paths_by_variant.items()}
     colours = dict(zip(logs, sns.color_palette("tab10", len(logs)), strict=True))
@@ -354,10 +360,18 @@ def loss_curves(
             ax.set(title=term, xlabel="step")
         legend_ax = axes[len(LOSS_TERMS)]
         legend_ax.axis("off")
+        labels = {
+            name: f"{name} (last tenth: {-100 * loss_plateau(frame['total']):+.1f} %)"
+            for name, frame in logs.items()
+        }
         legend_ax.legend(
-            handles=[legend_ax.plot([], [], color=colours[name], label=name)[0] for name in logs],
+            handles=[
+                legend_ax.plot([], [], color=colours[name], label=labels[name])[0] for name in logs
+            ],
             loc="center",
             frameon=False,
+            title="total loss change over the last tenth",
+            title_fontsize=7,
         )
     return fig
 
@@ -467,3 +481,62 @@ def prototype_projection(
         )
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=7)
     return fig
+
+
+def data_samples_figure(samples: Sequence[Sample], config: Config, stem: Path) -> Path:
+    """The prepare stage's figure of the data, saved in `figures.formats`; returns the PNG."""
+    figure = dataset_samples(samples, config.data.image_size, style="white")
+    formats = dict.fromkeys((*config.figures.formats, "png"))  # the PNG is what notebooks show
+    written = save_figure(figure, stem, formats, config.figures.dpi)
+    return next(p for p in written if p.suffix == ".png")
+
+
+def pipeline_figures(
+    config: Config, params: Params, folders: Mapping[str, Path], out: Path
+) -> dict[str, Path]:
+    """Every figure of the figures stage, saved in `figures.formats`; `{name: PNG path}`.
+
+    `folders` holds the `metrics`, `losses`, `predictions` and `checkpoints` folders. Per-run
+    figures show the first seed's runs; tables and bars summarise all seeds.
+    """
+    from mddnet.checkpoint import load_trained_model
+    from mddnet.evaluate import load_predictions
+
+    report, settings = config.report, config.figures
+    first = config.seeds[0]
+    compare = {name: f"{name}-s{first}" for name in settings.compare}
+    runs = load_runs(folders["metrics"])
+    summary = summarise(runs, report.ablation)
+    predictions = {
+        n: load_predictions(folders["predictions"] / f"{r}.npz") for n, r in compare.items()
+    }
+    main = load_trained_model(folders["checkpoints"] / f"{compare[report.main_variant]}.pt")
+    memory = main.model.memory
+    figures = {
+        "qualitative": qualitative_grid(
+            predictions[report.main_variant],
+            settings.qualitative_per_class,
+            config.data.image_size,
+        ),
+        "per_class": per_class_bars(main_table(runs, report.main_variant), style=settings.style),
+        "ablation": ablation_chart(
+            ablation_table(summary, params.labels(report.ablation), None, runs.get(REFERENCE_RUN)),
+            style=settings.style,
+        ),
+        "losses": loss_curves(
+            {n: folders["losses"] / f"{r}.csv" for n, r in compare.items()}, style=settings.style
+        ),
+        "roc_pr": roc_pr_curves(predictions, style=settings.style),
+    }
+    if memory is not None:
+        prototypes = memory.prototypes.detach().numpy()
+        figures["prototypes"] = prototype_projection(
+            prototypes, main.class_names, style=settings.style
+        )
+    formats = dict.fromkeys((*settings.formats, "png"))  # the PNG is what notebooks show
+    return {
+        name: next(
+            p for p in save_figure(fig, out / name, formats, settings.dpi) if p.suffix == ".png"
+        )
+        for name, fig in figures.items()
+    }

@@ -1,7 +1,10 @@
 """Result tables of MDD-Net: main results, ablations, and the published numbers beside ours.
 
-Metrics files keep fractions at full precision; this module is the only place where they become
-percent with a fixed number of decimals, and `write_table` is the only function that formats:
+Each evaluated run (`<variant>-s<seed>`) has a metrics file of fractions at full precision. The
+tables summarise a variant over its seeds (mean and sample sd), and mark a gap to the baseline row
+only where it exceeds the larger of the two sds (`spread_mark`): single runs move by a point or
+two with the seed, so smaller gaps are not claims. This module is the only place where fractions
+become percent with a fixed number of decimals, and `write_table` the only function that formats:
 each table is written as CSV (full precision), Markdown and LaTeX (booktabs) from one DataFrame.
 """
 
@@ -16,26 +19,33 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 
-from mddnet.io import write_text
+from mddnet.io import write_json, write_text
 from mddnet.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
-    from mddnet.config import Variant
+    from mddnet.config import Config, Params
 
 __all__ = [
     "HEADERS",
     "METRICS",
     "PUBLISHED_METRICS",
+    "REFERENCE_RUN",
     "THIS_REPOSITORY",
+    "Tables",
+    "AblationTables",
+    "MainTables",
+    "ablation_results",
     "ablation_table",
     "caption",
-    "load_metrics",
     "load_reference",
+    "load_runs",
+    "main_results",
     "main_table",
     "paper_vs_reproduced",
-    "relabel",
-    "variant_labels",
-    "variant_paths",
+    "per_class_frame",
+    "spread_mark",
+    "summarise",
+    "summary_metrics",
     "write_table",
 ]
 
@@ -57,16 +67,20 @@ METRICS: tuple[str, ...] = METRIC_NAMES
 PUBLISHED_METRICS: tuple[str, ...] = METRICS[:-1]
 REFERENCE_COLUMNS: tuple[str, ...] = ("dataset", "method", *PUBLISHED_METRICS, "source")
 THIS_REPOSITORY = "this repository"
+REFERENCE_RUN = "reference"  # the metrics file of the training-free reference row
+UP, DOWN = "\u2191", "\u2193"  # marks of a gap beyond the seed spread
 NOT_AVAILABLE = "not available"
 NOT_COMPARABLE = "not comparable: different data"
 MISSING_CELL = "n/a"
 
 
 class _Markup(NamedTuple):
-    """How one output format escapes text and emphasises a cell."""
+    """How one output format escapes text, emphasises a cell and writes a spread mark."""
 
     escape: Callable[[str], str]
     bold: Callable[[str], str]
+    mark: Callable[[str], str]
+    plus_minus: str
 
 
 _LATEX_SPECIALS = str.maketrans(
@@ -83,8 +97,18 @@ _LATEX_SPECIALS = str.maketrans(
         "^": r"\textasciicircum{}",
     }
 )
-_MARKDOWN = _Markup(escape=lambda s: s.replace("|", r"\|"), bold=lambda s: f"**{s}**")
-_LATEX = _Markup(escape=lambda s: s.translate(_LATEX_SPECIALS), bold=lambda s: rf"\textbf{{{s}}}")
+_MARKDOWN = _Markup(
+    escape=lambda s: s.replace("|", r"\|"),
+    bold=lambda s: f"**{s}**",
+    mark=lambda s: s,
+    plus_minus="\u00b1",
+)
+_LATEX = _Markup(
+    escape=lambda s: s.translate(_LATEX_SPECIALS).replace("\u00b1", r"$\pm$"),
+    bold=lambda s: rf"\textbf{{{s}}}",
+    mark=lambda s: r"$\uparrow$" if s == UP else r"$\downarrow$",
+    plus_minus=r"$\pm$",
+)
 
 
 def _metric_row(values: Mapping[str, Any], where: str, names: Sequence[str] = METRICS) -> dict:
@@ -98,12 +122,8 @@ def _metric_row(values: Mapping[str, Any], where: str, names: Sequence[str] = ME
     return {name: float(values[name]) for name in names}
 
 
-def main_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    """Per-class rows in the order of the metrics file, then the file's `mean` row.
-
-    The mean is taken from the file, not recomputed, so the table shows exactly what evaluate
-    reported.
-    """
+def per_class_frame(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """Per-class rows of one metrics file, then its `mean` row (taken from the file as is)."""
     rows = {
         name: _metric_row(values, f"per_class[{name!r}]")
         for name, values in metrics["per_class"].items()
@@ -114,48 +134,101 @@ def main_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def ablation_table(
-    metrics_by_variant: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str]
-) -> pd.DataFrame:
-    """One row of mean metrics per variant, in the order of `labels` (which also selects them).
-
-    `labels` usually comes from `variant_labels(config.variants, config.report.ablation)`, the
-    paper's ablation layout; `config.report.scoring` gives the scoring table the same way.
-    """
-    missing = [variant for variant in labels if variant not in metrics_by_variant]
-    if missing:
+def _runs_of(runs: Mapping[str, Mapping[str, Any]], variant: str) -> list[Mapping[str, Any]]:
+    found = [m for m in runs.values() if m.get("variant") == variant]
+    if not found:
         raise ValueError(
-            f"no metrics for variant {missing[0]!r} (have: {', '.join(metrics_by_variant)}); "
-            f"run `dvc repro evaluate@{missing[0]}` first"
+            f"no metrics for variant {variant!r} (have: {', '.join(sorted(runs))}); run its "
+            f"evaluate stage first (dvc repro)"
         )
-    rows = {
-        variant: {
-            "label": label,
-            **_metric_row(metrics_by_variant[variant]["mean"], f"variant {variant!r}: mean"),
+    return sorted(found, key=lambda m: m.get("seed", 0))
+
+
+def main_table(runs: Mapping[str, Mapping[str, Any]], variant: str) -> pd.DataFrame:
+    """Per-class means over the variant's seeds, then the mean row (the mean of the seeds' means),
+    each metric with its sample sd over seeds (`<metric>_sd`, NaN for one seed)."""
+    frames = [per_class_frame(m) for m in _runs_of(runs, variant)]
+    stacked = pd.concat(frames, keys=range(len(frames)))
+    mean = stacked.groupby(level=1, sort=False).mean()
+    sd = stacked.groupby(level=1, sort=False).std(ddof=1).add_suffix("_sd")
+    frame = pd.concat([mean, sd], axis=1).loc[frames[0].index]
+    frame.insert(0, "seeds", len(frames))
+    return frame
+
+
+def summarise(runs: Mapping[str, Mapping[str, Any]], names: Iterable[str]) -> pd.DataFrame:
+    """One row per variant: seed count, mean of each metric over seeds and its sample sd."""
+    rows = {}
+    for name in names:
+        values = pd.DataFrame([_metric_row(m["mean"], name) for m in _runs_of(runs, name)])
+        rows[name] = {
+            "seeds": len(values),
+            **values.mean().to_dict(),
+            **values.std(ddof=1).add_suffix("_sd").to_dict(),
         }
-        for variant, label in labels.items()
-    }
-    frame = pd.DataFrame.from_dict(rows, orient="index", columns=["label", *METRICS])
+    frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "variant"
     return frame
 
 
-def variant_labels(variants: Mapping[str, Variant], names: Iterable[str]) -> dict[str, str]:
-    """Labels of the named variants in the given order: the `labels` of `ablation_table`."""
-    unknown = [name for name in names if name not in variants]
-    if unknown:
-        raise ValueError(
-            f"unknown variant {unknown[0]!r} (valid: {', '.join(variants)}); fix the variant "
-            f"lists under report: or figures: in params"
-        )
-    return {name: variants[name].label for name in names}
+def spread_mark(row: Mapping[str, Any], base: Mapping[str, Any], metric: str) -> str:
+    """UP or DOWN when `row` differs from `base` in `metric` by more than the larger of their
+    sds over seeds (both with two or more seeds), else ""."""
+    if min(row["seeds"], base["seeds"]) < 2:
+        return ""
+    gap = row[metric] - base[metric]
+    spread = max(row[f"{metric}_sd"], base[f"{metric}_sd"])
+    if abs(gap) <= spread:
+        return ""
+    return UP if gap > 0 else DOWN
 
 
-def caption(dataset: str, backbone: str, weights: str, image_size: int, what: str) -> str:
+def ablation_table(
+    summary: pd.DataFrame,
+    labels: Mapping[str, str],
+    baseline: str | None = None,
+    reference: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Rows of `summary` in the order of `labels`, with marks against the `baseline` row, and
+    the training-free `reference` metrics file as a last row when given."""
+    missing = [name for name in labels if name not in summary.index]
+    if missing:
+        raise ValueError(f"no summary for variant {missing[0]!r}; run its evaluate stage first")
+    frame = summary.loc[list(labels)].copy()
+    frame.insert(0, "label", list(labels.values()))
+    for metric in METRICS:
+        frame[f"{metric}_mark"] = [
+            ""
+            if baseline is None or name == baseline
+            else spread_mark(frame.loc[name], summary.loc[baseline], metric)
+            for name in frame.index
+        ]
+    if reference is not None:
+        values = _metric_row(reference["mean"], "reference: mean")
+        frame.loc[REFERENCE_RUN] = {
+            "label": reference.get("label", REFERENCE_RUN),
+            "seeds": 1,
+            **values,
+        }
+    return frame
+
+
+def summary_metrics(row: Mapping[str, Any], decimals: int) -> dict[str, Any]:
+    """A variant's summary for `dvc metrics show`: percent means, mAD's sd, the seed count."""
+    shown = {HEADERS[m]: round(100 * float(row[m]), decimals) for m in METRICS}
+    sd = row.get("mad_sd")
+    shown["mAD sd"] = None if sd is None or pd.isna(sd) else round(100 * float(sd), decimals)
+    return {**shown, "seeds": int(row["seeds"])}
+
+
+def caption(config: Config, what: str) -> str:
     """A caption that says what the table shows and which setting produced the numbers."""
+    model = config.model
+    size = config.data.image_size
     return (
-        f"{what}. Dataset: {dataset}; teacher: {backbone} (weights: {weights}); "
-        f"input {image_size}x{image_size} px; metrics in percent."
+        f"{what}. Dataset: {config.data.dataset}; teacher: {model.backbone} (weights: "
+        f"{model.weights}); input {size}x{size} px; {config.train.steps} training steps; "
+        f"metrics in percent, mean \u00b1 sd over seeds where a row has several"
     )
 
 
@@ -190,16 +263,18 @@ def load_reference(path: str | Path) -> pd.DataFrame:
 
 def paper_vs_reproduced(
     reference: pd.DataFrame,
-    reproduced: Mapping[str, Mapping[str, Any]],
+    reproduced: pd.DataFrame,
+    labels: Mapping[str, str],
     dataset: str,
+    ours: str,
     comparable: bool,
 ) -> pd.DataFrame:
-    """Published rows of `dataset`, then this repository's rows (`reproduced`: name -> metrics).
+    """Published rows of `dataset`, then this repository's rows: the `reproduced` summary rows
+    (means over seeds) named by `labels`, measured on dataset `ours`.
 
     Published percent values become fractions like ours, so `write_table` formats both alike.
     With `comparable=False` (e.g. the offline benchmark) our rows carry a note that they were
-    measured on different data; claiming comparability for a metrics file whose `dataset` is
-    another one is refused.
+    measured on different data; claiming comparability for other data is refused.
     """
     published = reference[reference["dataset"].map(_dataset_key) == _dataset_key(dataset)]
     if published.empty:
@@ -208,6 +283,8 @@ def paper_vs_reproduced(
             f"{', '.join(reference['dataset'].unique())}); pass one of those, with "
             f"comparable=False when this repository's numbers come from other data"
         )
+    if comparable and _dataset_key(ours) != _dataset_key(dataset):
+        raise ValueError(f"rows measured on {ours!r}, not {dataset!r}: pass comparable=False")
     rows = {}
     for record in published.to_dict(orient="records"):
         # The published numbers have one decimal in percent: round away the float noise of /100.
@@ -219,20 +296,15 @@ def paper_vs_reproduced(
             "source": record["source"],
             "note": NOT_AVAILABLE if missing else "",
         }
-    for name, metrics in reproduced.items():
-        if name in rows:
+    for name, label in labels.items():
+        if label in rows:
             raise ValueError(
-                f"row name {name!r} is already a published method; name this repository's row "
-                f"differently, e.g. '{name} (this repository)'"
+                f"row name {label!r} is already a published method; label this repository's "
+                f"variant differently, e.g. '{label} (this repository)'"
             )
-        ours = metrics.get("dataset", dataset)
-        if comparable and _dataset_key(ours) != _dataset_key(dataset):
-            raise ValueError(
-                f"{name!r} was measured on {ours!r}, not {dataset!r}: pass comparable=False"
-            )
-        rows[name] = {
+        rows[label] = {
             "dataset": ours,
-            **_metric_row(metrics["mean"], f"{name!r}: mean", PUBLISHED_METRICS),
+            **_metric_row(reproduced.loc[name], f"{name!r}", PUBLISHED_METRICS),
             "source": THIS_REPOSITORY,
             "note": "" if comparable else NOT_COMPARABLE,
         }
@@ -243,22 +315,14 @@ def paper_vs_reproduced(
     return frame
 
 
-def relabel(metrics_by_variant: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, Any]:
-    """`{label: metrics}` for the variants in `labels` (their order), for rows named by label."""
-    return {label: metrics_by_variant[name] for name, label in labels.items()}
-
-
-def variant_paths(folder: str | Path, names: Iterable[str], suffix: str) -> dict[str, Path]:
-    """`{name: folder/<name><suffix>}`: the per-variant files a stage wrote, in `names` order."""
-    return {name: Path(folder) / f"{name}{suffix}" for name in names}
-
-
-def load_metrics(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
-    """Read metrics JSON files, keyed by their `variant` field (the file stem when absent)."""
+def load_runs(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Every metrics file of a folder, keyed by file stem (`<variant>-s<seed>`, `reference`)."""
+    folder = Path(folder)
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no metrics files; run the evaluate stages first")
     loaded: dict[str, dict[str, Any]] = {}
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: metrics not found; run the evaluate stage first")
+    for path in paths:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -270,40 +334,58 @@ def load_metrics(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
                     f"rerun its evaluate stage"
                 )
         _metric_row(data["mean"], f"{path}: mean")
-        for name, values in data["per_class"].items():
-            _metric_row(values, f"{path}: per_class[{name!r}]")
-        variant = data.get("variant", path.stem)
-        if variant in loaded:
-            raise ValueError(f"{path}: variant {variant!r} is already loaded from another file")
-        loaded[variant] = data
+        loaded[path.stem] = data
     return loaded
 
 
-def _percent(value: float, decimals: int, markup: _Markup, best: float | None) -> str:
-    """One metric cell: percent with `decimals` decimals, bold when it shows the column best."""
-    if pd.isna(value):
-        return MISSING_CELL
-    shown = round(100 * value, decimals)
-    text = f"{shown:.{decimals}f}"
-    return markup.bold(text) if best is not None and shown == best else text
+def _percent(value: float, decimals: int) -> str:
+    return MISSING_CELL if pd.isna(value) else f"{round(100 * value, decimals):.{decimals}f}"
+
+
+def _metric_cells(
+    frame: pd.DataFrame, metric: str, decimals: int, markup: _Markup, bold_best: bool
+) -> list[str]:
+    """`mean` or `mean ± sd`, then the spread mark; bold where the rounded mean is the best."""
+    means = frame[metric]
+    best = (100 * means).round(decimals).max() if bold_best else None
+    sds = frame.get(f"{metric}_sd", pd.Series(float("nan"), index=frame.index))
+    marks = frame.get(f"{metric}_mark", pd.Series("", index=frame.index))
+    cells = []
+    for mean, sd, mark in zip(means, sds, marks.fillna(""), strict=True):
+        text = _percent(mean, decimals)
+        if not pd.isna(sd):
+            text += f" {markup.plus_minus} {_percent(sd, decimals)}"
+        if best is not None and not pd.isna(mean) and round(100 * mean, decimals) == best:
+            text = markup.bold(text)
+        cells.append(f"{text} {markup.mark(mark)}" if mark else text)
+    return cells
 
 
 def _cells(frame: pd.DataFrame, decimals: int, markup: _Markup, bold_best: bool) -> pd.DataFrame:
-    """All cells as display strings: metrics in percent, text escaped, headers renamed."""
+    """All cells as display strings: metrics in percent (with sd and mark), text escaped."""
     shown = frame.reset_index()
-    for column in shown.columns:
+    kept = [c for c in shown.columns if not str(c).endswith(("_sd", "_mark"))]
+    for column in kept:
         if column in HEADERS:
-            # Best of the rounded values, so that every cell that reads as the best is bold.
-            best = (100 * shown[column]).round(decimals).max() if bold_best else None
-            shown[column] = [_percent(v, decimals, markup, best) for v in shown[column]]
+            shown[column] = _metric_cells(shown, column, decimals, markup, bold_best)
+        elif column == "seeds":
+            shown[column] = [str(int(v)) for v in shown[column]]
         else:
             shown[column] = ["" if pd.isna(v) else markup.escape(str(v)) for v in shown[column]]
-    return shown.rename(columns=lambda c: markup.escape(HEADERS.get(c, str(c))))
+    return shown[kept].rename(columns=lambda c: markup.escape(HEADERS.get(c, str(c))))
+
+
+class Tables(NamedTuple):
+    """The three files of one table."""
+
+    csv: Path
+    markdown: Path
+    latex: Path
 
 
 def write_table(
     frame: pd.DataFrame, stem: str | Path, caption: str, decimals: int, bold_best: bool = False
-) -> list[Path]:
+) -> Tables:
     """Write `<stem>.csv` (fractions, full precision), `<stem>.md` and `<stem>.tex` (percent).
 
     Metric columns (named as in `METRICS`) are shown in percent with `decimals` decimals, other
@@ -315,9 +397,9 @@ def write_table(
     )
     write_text(csv_path, frame.reset_index().to_csv(index=False))
 
-    # Numbers align right, text left, in both formats.
-    align = ["right" if c in HEADERS else "left" for c in frame.reset_index().columns]
     md = _cells(frame, decimals, _MARKDOWN, bold_best)
+    # Numbers align right, text left, in both formats.
+    align = ["right" if c in HEADERS.values() or c == "seeds" else "left" for c in md.columns]
     table = md.to_markdown(index=False, disable_numparse=True, colalign=align)
     write_text(md_path, f"{caption}\n\n{table}\n")
 
@@ -331,4 +413,82 @@ def write_table(
     )
     write_text(tex_path, latex)
     log.info("wrote table %s.{csv,md,tex} (%d rows)", stem, len(frame))
-    return [csv_path, md_path, tex_path]
+    return Tables(csv_path, md_path, tex_path)
+
+
+class MainTables(NamedTuple):
+    main: Tables
+    paper_vs_reproduced: Tables
+
+
+class AblationTables(NamedTuple):
+    ablation: Tables
+    scoring: Tables
+
+
+def main_results(
+    config: Config,
+    params: Params,
+    metrics_dir: Path,
+    tables_dir: Path,
+    summary_dir: Path,
+    reference_csv: Path,
+) -> MainTables:
+    """The main per-class table, the published rows beside ours, and one summary file per
+    evaluated variant (what `dvc metrics show` lists)."""
+    report, runs = config.report, load_runs(metrics_dir)
+    variants = list(
+        dict.fromkeys(m["variant"] for name, m in runs.items() if name != REFERENCE_RUN)
+    )
+    summary = summarise(runs, variants)
+    for name, row in summary.iterrows():
+        write_json(summary_dir / f"{name}.json", summary_metrics(row, report.decimals))
+    label = params.variants[report.main_variant].label
+    main = write_table(
+        main_table(runs, report.main_variant),
+        tables_dir / "main",
+        caption(config, f"per-class results of {label}"),
+        report.decimals,
+    )
+    comparison = paper_vs_reproduced(
+        load_reference(reference_csv),
+        summary,
+        params.labels(report.reproduced),
+        report.reference_dataset,
+        config.data.dataset,
+        report.comparable,
+    )
+    paper = write_table(
+        comparison,
+        tables_dir / "paper_vs_reproduced",
+        caption(config, f"published results on {report.reference_dataset} and this repository's"),
+        report.decimals,
+    )
+    return MainTables(main, paper)
+
+
+def ablation_results(
+    config: Config, params: Params, metrics_dir: Path, tables_dir: Path
+) -> AblationTables:
+    """The ablation table (chain first, marks against the RD baseline, the reference last) and
+    the scoring table of the main variant's checkpoints."""
+    report, runs = config.report, load_runs(metrics_dir)
+    summary = summarise(runs, list(dict.fromkeys([*report.ablation, *report.scoring])))
+    reference = runs.get(REFERENCE_RUN)
+    baseline = report.chain[0]
+    marks = f"arrows: gap to {baseline} beyond the larger sd over seeds"
+    ablation = write_table(
+        ablation_table(summary, params.labels(report.ablation), baseline, reference),
+        tables_dir / "ablation",
+        caption(config, f"ablation of MDD-Net's parts (mean over classes); {marks}"),
+        report.decimals,
+        bold_best=True,
+    )
+    scoring = write_table(
+        ablation_table(summary, params.labels(report.scoring)),
+        tables_dir / "scoring",
+        caption(config, f"scoring maps of the {report.main_variant} checkpoints"),
+        report.decimals,
+        bold_best=True,
+    )
+    return AblationTables(ablation, scoring)

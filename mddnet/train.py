@@ -35,6 +35,7 @@ from mddnet.distributed import Context, convert_batch_norm, global_sum, init_fro
 from mddnet.errors import MddnetError
 from mddnet.io import load_checkpoint, save_checkpoint, write_csv
 from mddnet.losses import DiscrepancyOptions, LossTerms, compute_losses
+from mddnet.metrics import loss_plateau
 from mddnet.models import build_model
 from mddnet.models.mddnet import MDDNet
 from mddnet.models.memory import ClassAwareMemory
@@ -46,7 +47,6 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "fit",
-    "loss_plateau",
     "make_optimizer",
     "resume_path",
     "train_step",
@@ -68,6 +68,25 @@ class TrainResult:
     class_names: tuple[str, ...]
     wall_time_s: float
     resumed_from_step: int
+    final_losses: dict[str, float] = field(default_factory=dict)  # mean over the last tenth
+    plateau: float = float("nan")  # see metrics.loss_plateau
+    calibration: dict[str, Any] | None = None
+
+    def summary(self, root: Path) -> dict[str, Any]:
+        """The run at a glance, paths relative to `root` (for notebooks and logs)."""
+        chosen = self.calibration or {}
+        return {
+            "checkpoint": self.checkpoint.resolve().relative_to(root.resolve()).as_posix(),
+            "steps": self.steps,
+            "wall time (s)": round(self.wall_time_s),
+            "final losses": {k: round(v, 4) for k, v in self.final_losses.items()},
+            "loss plateau (last tenth's drop, %)": round(100 * self.plateau, 2),
+            "calibration": {
+                "restoration-identity weight": chosen.get("restoration_identity"),
+                "image score": chosen.get("image_score"),
+                "held-out images": chosen.get("images"),
+            },
+        }
 
 
 @dataclass
@@ -181,17 +200,6 @@ def train_step(
         usage = ClassAwareMemory.usage(output.attention.detach(), output.class_ids)
         return StepResult(terms, dict(zip(MEMORY_COLUMNS, usage, strict=True)))
     return StepResult(terms, {})
-
-
-def loss_plateau(history: Sequence[dict[str, Any]], column: str = "total") -> float:
-    """Relative drop of the mean `column` loss from the second-last to the last tenth of the
-    steps: near 0 means the loss has reached its plateau (how the step budget is judged)."""
-    values = np.array([row[column] for row in history], dtype=np.float64)
-    tenth = len(values) // 10
-    if tenth == 0:
-        return float("nan")
-    before, last = values[-2 * tenth : -tenth].mean(), values[-tenth:].mean()
-    return float((before - last) / before) if before else 0.0
 
 
 class _Run(NamedTuple):
@@ -387,8 +395,10 @@ def fit(
             _save_progress(run, config, state, state_file, losses_csv)
     bar.close()
     state.wall_time_s = earlier + time.perf_counter() - started
-    if run.context.is_main:
-        _finish(run, config, state, checkpoint, losses_csv)
+    calibration = (
+        _finish(run, config, state, checkpoint, losses_csv) if run.context.is_main else None
+    )
+    tenth = state.history[-max(1, len(state.history) // 10) :]
     return TrainResult(
         checkpoint,
         losses_csv,
@@ -396,6 +406,9 @@ def fit(
         run.dataset.class_names,
         state.wall_time_s,
         resumed_from,
+        {key: float(np.mean([row[key] for row in tenth])) for key in LossTerms._fields},
+        loss_plateau([row["total"] for row in state.history]),
+        calibration,
     )
 
 
@@ -448,11 +461,11 @@ def _summary(logged: dict[str, float]) -> str:
 
 def _finish(
     run: _Run, config: Config, state: TrainState, checkpoint: Path, losses_csv: Path
-) -> None:
+) -> dict[str, Any]:
     """Calibrate on the held-out normals and write the final checkpoint and losses."""
     normals = run.held_out or run.dataset.samples  # holdout 0: the training normals themselves
     calibration = calibrate(run.model, config, run.dataset.class_names, normals, run.device)
-    plateau = loss_plateau(state.history)
+    plateau = loss_plateau([row["total"] for row in state.history])
     log.info("the last tenth of the steps lowered the mean total loss by %.1f%%", 100 * plateau)
     payload = _payload(run, config, state, complete=True) | {
         "device": str(run.device),
@@ -465,3 +478,4 @@ def _finish(
     write_csv(losses_csv, state.history, LOSS_COLUMNS)
     resume_path(checkpoint).unlink(missing_ok=True)
     log.info("wrote %s after %d steps in %.1f s", checkpoint, state.step, state.wall_time_s)
+    return payload["calibration"]

@@ -7,6 +7,7 @@ pipeline here, with every problem listed, instead of failing or silently skewing
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,21 +31,26 @@ class PreparedDataset(NamedTuple):
 
 
 def prepare_dataset(
-    config: Config, root: Path, summary_out: Path | None = None
+    config: Config, roots: Sequence[Path], summary_out: Path | None = None
 ) -> PreparedDataset:
-    """Generate (when `data.generate`), scan and validate the dataset at `root`.
+    """Generate (when `data.generate`), scan and validate the dataset at `roots`.
 
-    `root` is `data.root` resolved by the caller. Raises `DatasetError` listing every problem.
+    `roots` are `data.root` resolved by the caller. Raises `DatasetError` listing every problem.
     """
     if config.data.generate:
-        log.info("generating the offline benchmark at %s (seed %d)", root, config.seed)
-        make_benchmark(root, config.data.benchmark, config.seed)
-    samples = scan_dataset(root, config.data.classes)
+        if len(roots) != 1:
+            raise DatasetError(
+                f"data.generate writes one benchmark: give data.root one folder, got "
+                f"{[str(r) for r in roots]}"
+            )
+        log.info("generating the offline benchmark at %s (seed %d)", roots[0], config.seed)
+        make_benchmark(roots[0], config.data.benchmark, config.seed)
+    samples = scan_dataset(list(roots), config.data.classes)
     problems = validate_dataset(samples)
     if problems:
         raise DatasetError(problems)
     summary = summarize(samples)
     if summary_out is not None:
         write_text(summary_out, summary.to_csv(index=False))
-    log.info("%s: %d classes, %d images, all decoded", root, len(summary), len(samples))
+    log.info("%d classes, %d images, all decoded", len(summary), len(samples))
     return PreparedDataset(samples, summary)

@@ -322,7 +322,7 @@ def _timm_names(state: dict[str, Tensor], backbone: str, path: Path) -> dict[str
             f"{len(shapes)} tensors do not match timm's {len(expected)} by position and shape; "
             f"set model.backbone to the architecture the file was saved from"
         )
-    logger.info("%s: tensor names differ from timm's; assigned by position", path)
+    logger.info("%s: tensor names differ from timm's; assigned by position", path.name)
     return dict(zip(layout, state.values(), strict=True))
 
 
