@@ -7,13 +7,14 @@ signed distances turned into pixel coverage, colours are painted with per-pixel 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from mddnet.benchmark import portable
 
 __all__ = [
     "LIGHT_ANGLE",
@@ -33,7 +34,7 @@ __all__ = [
 
 # Shapes are drawn at this multiple of the output size and box-downsampled (anti-aliasing).
 SUPERSAMPLING = 2
-LIGHT_ANGLE = math.atan2(-0.8, -0.6)  # light from the upper left (image y points down)
+LIGHT_ANGLE = portable.arctan2(-0.8, -0.6)  # light from the upper left (image y points down)
 
 
 @dataclass(frozen=True)
@@ -111,4 +112,4 @@ def smooth_noise(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
 
 def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     """A size spread evenly over scales, so small (subtle) defects are as common as big ones."""
-    return float(np.exp(rng.uniform(math.log(low), math.log(high))))
+    return float(portable.exp(rng.uniform(portable.log(low), portable.log(high))))

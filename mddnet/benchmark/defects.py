@@ -13,10 +13,10 @@ canvas (N, N, 3); `classes.py` derives the mask from it.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
+from mddnet.benchmark import portable
 from mddnet.benchmark.canvas import (
     LIGHT_ANGLE,
     SUPERSAMPLING,
@@ -59,14 +59,15 @@ def _blob_sdf(
 ) -> np.ndarray:
     """Approximate signed distance of a blob: a circle whose radius wobbles with the angle."""
     dx, dy = grid.x - centre[0], grid.y - centre[1]
-    theta = np.arctan2(dy, dx)
+    theta = portable.arctan2(dy, dx)
     harmonics = np.arange(2, 6)
     amplitude = rng.uniform(0.0, irregularity, harmonics.size) / (harmonics - 1)
     phase = rng.uniform(0.0, 2 * np.pi, harmonics.size)
     wobble = sum(
-        a * np.cos(k * theta + p) for k, a, p in zip(harmonics, amplitude, phase, strict=True)
+        a * portable.cos(k * theta + p)
+        for k, a, p in zip(harmonics, amplitude, phase, strict=True)
     )
-    return np.hypot(dx, dy) - radius * (1.0 + wobble)
+    return portable.hypot(dx, dy) - radius * (1.0 + wobble)
 
 
 def _random_curve(
@@ -75,8 +76,8 @@ def _random_curve(
     """A quadratic Bezier from `start` (optionally jagged, as a crack is); (K, 2) points."""
     heading = rng.uniform(0.0, 2 * np.pi)
     p0 = np.array(start)
-    p2 = p0 + length * np.array([np.cos(heading), np.sin(heading)])
-    normal = np.array([-np.sin(heading), np.cos(heading)])
+    p2 = p0 + length * np.array([portable.cos(heading), portable.sin(heading)])
+    normal = np.array([-portable.sin(heading), portable.cos(heading)])
     p1 = (p0 + p2) / 2 + normal * rng.uniform(-bend, bend) * length
     t = np.linspace(0.0, 1.0, 24)[:, None]
     points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
@@ -101,8 +102,10 @@ def _polyline_coverage(grid: Grid, points: np.ndarray, width: float) -> np.ndarr
     distance = np.full(x.shape, np.inf, dtype=np.float32)
     for a, b in zip(points[:-1], points[1:], strict=True):
         ab = b - a
-        t = np.clip(((x - a[0]) * ab[0] + (y - a[1]) * ab[1]) / max(ab @ ab, 1e-12), 0.0, 1.0)
-        distance = np.minimum(distance, np.hypot(x - a[0] - t * ab[0], y - a[1] - t * ab[1]))
+        t = np.clip(
+            ((x - a[0]) * ab[0] + (y - a[1]) * ab[1]) / max(portable.dot(ab, ab), 1e-12), 0.0, 1.0
+        )
+        distance = np.minimum(distance, portable.hypot(x - a[0] - t * ab[0], y - a[1] - t * ab[1]))
     cover[box] = coverage(distance - width / 2, grid.px)
     return cover
 
@@ -168,11 +171,11 @@ def hole(
     r = log_uniform(rng, *radius)
     cx, cy = _random_point(grid, layer.support, rng)
     d = _blob_sdf(grid, (cx, cy), r, rng, irregularity=0.4)
-    light_x, light_y = math.cos(LIGHT_ANGLE), math.sin(LIGHT_ANGLE)
+    light_x, light_y = portable.cos(LIGHT_ANGLE), portable.sin(LIGHT_ANGLE)
     towards_light = ((grid.x - cx) * light_x + (grid.y - cy) * light_y) / r  # about [-1, 1]
     depth = rng.uniform(0.15, 0.5)
     cavity = layer.rgb * (depth * (1.0 - 0.5 * np.clip(towards_light, -1, 1)))[..., None]
-    rim = np.exp(-((d / (0.25 * r)) ** 2)) * np.clip(-towards_light, 0.0, 1.0) * (d > 0)
+    rim = portable.exp(-((d / (0.25 * r)) ** 2)) * np.clip(-towards_light, 0.0, 1.0) * (d > 0)
     rgb = blend(layer.rgb, np.ones(3, dtype=np.float32), 0.35 * rim * layer.support)
     return blend(rgb, cavity, coverage(d, grid.px) * layer.support)
 

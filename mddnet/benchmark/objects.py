@@ -9,13 +9,13 @@ shadow and shading follow the changed shape.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import numpy as np
 from scipy import ndimage
 
+from mddnet.benchmark import portable
 from mddnet.benchmark.canvas import (
     LIGHT_ANGLE,
     Grid,
@@ -65,7 +65,7 @@ def _sample_pose(
         centre=(rng.uniform(-shift, shift), rng.uniform(-shift, shift)),
         angle=rng.uniform(*angle),
         scale=scale * rng.uniform(0.95, 1.05),
-        light=(math.cos(light), math.sin(light)),
+        light=(portable.cos(light), portable.sin(light)),
     )
 
 
@@ -76,7 +76,7 @@ def _object_frame(grid: Grid, pose: Pose, offset: float = 0.0) -> tuple[np.ndarr
     """
     dx = grid.x - pose.centre[0] + offset * pose.light[0]
     dy = grid.y - pose.centre[1] + offset * pose.light[1]
-    c, s = math.cos(pose.angle), math.sin(pose.angle)
+    c, s = portable.cos(pose.angle), portable.sin(pose.angle)
     return (c * dx + s * dy) / pose.scale, (-s * dx + c * dy) / pose.scale
 
 
@@ -131,15 +131,17 @@ def _metal(
     d: np.ndarray,
 ) -> np.ndarray:
     """Turned metal: concentric tool marks, lit bevels along every edge, a broad highlight."""
-    rho = np.hypot(u, v)
+    rho = portable.hypot(u, v)
     marks = np.interp(rho, np.linspace(0.0, 1.2, turning.size), turning)
     gy, gx = np.gradient(d)  # points out of the material; canvas axes are image axes
-    norm = np.maximum(np.hypot(gx, gy), 1e-9)
+    norm = np.maximum(portable.hypot(gx, gy), 1e-9)
     facing = (gx * pose.light[0] + gy * pose.light[1]) / norm  # bevel normal . light
     bevel = np.clip(1.0 + d / 0.07, 0.0, 1.0)
     hx = pose.centre[0] + 0.4 * pose.scale * pose.light[0]
     hy = pose.centre[1] + 0.4 * pose.scale * pose.light[1]
-    highlight = np.exp(-((grid.x - hx) ** 2 + (grid.y - hy) ** 2) / (2 * (0.3 * pose.scale) ** 2))
+    highlight = portable.exp(
+        -((grid.x - hx) ** 2 + (grid.y - hy) ** 2) / (2 * (0.3 * pose.scale) ** 2)
+    )
     shade = 0.78 + 0.05 * marks + 0.4 * bevel * facing + 0.3 * highlight
     return colour * shade[..., None]
 
@@ -185,11 +187,11 @@ class Washer:
         )
 
     def sdf(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        rho = np.hypot(u, v)
+        rho = portable.hypot(u, v)
         d = np.maximum(rho - 1.0, self.inner - rho)
         if self.chip is not None:
             cu, cv, radius = self.chip
-            d = np.maximum(d, radius - np.hypot(u - cu, v - cv))
+            d = np.maximum(d, radius - portable.hypot(u - cu, v - cv))
         return d
 
     def surface(self, grid: Grid, u: np.ndarray, v: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -205,7 +207,9 @@ def chip_washer(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     depth = rng.uniform(-0.3, 0.7) * radius
     at = 1.0 + depth if outer else washer.inner - depth
     phi = rng.uniform(0.0, 2 * np.pi)
-    chipped = dataclasses.replace(washer, chip=(at * math.cos(phi), at * math.sin(phi), radius))
+    chipped = dataclasses.replace(
+        washer, chip=(at * portable.cos(phi), at * portable.sin(phi), radius)
+    )
     return scene.render(scene.grid, chipped).rgb
 
 
@@ -243,8 +247,8 @@ class Gear:
         )
 
     def sdf(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        rho = np.maximum(np.hypot(u, v), 1e-6)
-        t = np.arctan2(v, u) * (_TEETH / (2 * np.pi))  # position in tooth periods
+        rho = np.maximum(portable.hypot(u, v), 1e-6)
+        t = portable.arctan2(v, u) * (_TEETH / (2 * np.pi))  # position in tooth periods
         nearest = np.round(t)
         tooth = nearest.astype(int) % _TEETH
         phase = t - nearest  # [-0.5, 0.5], 0 at a tooth's centre line
@@ -270,13 +274,18 @@ class Gear:
         d = np.maximum(d, -keyway)
         angles = np.arange(_HOLES) * (2 * np.pi / _HOLES) + np.pi / _HOLES
         for a in angles:
-            hole = np.hypot(u - _HOLE_AT * math.cos(a), v - _HOLE_AT * math.sin(a)) - _HOLE_RADIUS
+            hole = (
+                portable.hypot(u - _HOLE_AT * portable.cos(a), v - _HOLE_AT * portable.sin(a))
+                - _HOLE_RADIUS
+            )
             d = np.maximum(d, -hole)
         return d
 
     def surface(self, grid: Grid, u: np.ndarray, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         metal = _metal(self.colour, self.turning, self.pose, grid, u, v, d)
-        groove = 1.0 - 0.18 * np.exp(-(((np.hypot(u, v) - 0.33) / 0.015) ** 2))  # hub step
+        groove = 1.0 - 0.18 * portable.exp(
+            -(((portable.hypot(u, v) - 0.33) / 0.015) ** 2)
+        )  # hub step
         return metal * groove[..., None]
 
 
@@ -310,7 +319,7 @@ def _tube(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Signed distance of a round-ended tube along u, and its 3-D surface normal; (N, N, 3)."""
     du = u - np.clip(u, start, end)
-    dist = np.hypot(du, v)
+    dist = portable.hypot(du, v)
     nz = np.sqrt(np.clip(1.0 - (dist / radius) ** 2, 0.0, 1.0))
     normal = np.stack([np.clip(du / radius, -1, 1), np.clip(v / radius, -1, 1), nz], axis=-1)
     return dist - radius, normal
@@ -319,9 +328,9 @@ def _tube(
 def _gloss(colour: np.ndarray, normal: np.ndarray, light: np.ndarray) -> np.ndarray:
     """Glossy gelatine: diffuse term plus a sharp specular highlight (Blinn-Phong)."""
     half = light + np.array([0.0, 0.0, 1.0], dtype=np.float32)
-    half /= np.linalg.norm(half)
+    half /= portable.norm(half)
     diffuse = np.clip((normal * light).sum(axis=-1), 0.0, None)  # (N, N)
-    specular = np.clip((normal * half).sum(axis=-1), 0.0, None) ** 40
+    specular = portable.power(np.clip((normal * half).sum(axis=-1), 0.0, None), 40)
     return colour * (0.42 + 0.62 * diffuse)[..., None] + 0.45 * specular[..., None]
 
 
@@ -355,7 +364,7 @@ class Capsule:
         )
 
     def _cap_frame(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        c, s = math.cos(self.cap_tilt), math.sin(self.cap_tilt)
+        c, s = portable.cos(self.cap_tilt), portable.sin(self.cap_tilt)
         du = u - _SEAM
         return c * du + s * v + _SEAM + self.cap_shift, -s * du + c * v
 
@@ -373,17 +382,17 @@ class Capsule:
 
     def surface(self, grid: Grid, u: np.ndarray, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         pose = self.pose
-        c, s = math.cos(pose.angle), math.sin(pose.angle)
+        c, s = portable.cos(pose.angle), portable.sin(pose.angle)
         light = np.array(
             [c * pose.light[0] + s * pose.light[1], -s * pose.light[0] + c * pose.light[1], 1.1],
             dtype=np.float32,
         )
-        light /= np.linalg.norm(light)
+        light /= portable.norm(light)
         parts = self._parts(u, v)
         body_rgb = _gloss(self.body_colour, parts.body_normal, light)
         # The cap's rim casts a thin shadow on the body just past the seam.
         past_seam = parts.cap_axis - _SEAM
-        rim = np.exp(-(((past_seam - 0.02) / 0.03) ** 2)) * (past_seam > 0)
+        rim = portable.exp(-(((past_seam - 0.02) / 0.03) ** 2)) * (past_seam > 0)
         body_rgb = body_rgb * (1.0 - 0.3 * rim)[..., None]
         cap_rgb = _gloss(self.cap_colour, parts.cap_normal, light)
         return blend(body_rgb, cap_rgb, coverage(parts.cap * pose.scale, grid.px))

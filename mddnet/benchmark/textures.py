@@ -8,13 +8,13 @@ brightness and white-balance jitter. scikit-image ships the photographs, so noth
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 from skimage import data as skdata
 
+from mddnet.benchmark import portable
 from mddnet.benchmark.canvas import Grid, Layer
 
 __all__ = ["TextureView", "render_texture", "sample_texture"]
@@ -67,7 +67,9 @@ def sample_texture(name: str, rng: np.random.Generator, grid: Grid) -> TextureVi
     source = _texture_source(name)
     side = rng.uniform(0.42, 0.55) * min(source.shape)
     angle = rng.uniform(-0.14, 0.14)
-    reach = side / 2 * (abs(math.cos(angle)) + abs(math.sin(angle)))  # half-extent of the crop
+    reach = (
+        side / 2 * (abs(portable.cos(angle)) + abs(portable.sin(angle)))
+    )  # half-extent of the crop
     centre = (
         rng.uniform(reach, source.shape[0] - reach),
         rng.uniform(reach, source.shape[1] - reach),
@@ -87,7 +89,7 @@ def sample_texture(name: str, rng: np.random.Generator, grid: Grid) -> TextureVi
 def render_texture(grid: Grid, view: TextureView) -> Layer:
     half = view.side / 2
     sx, sy = grid.x * half * view.flip[0], grid.y * half * view.flip[1]
-    c, s = math.cos(view.angle), math.sin(view.angle)
+    c, s = portable.cos(view.angle), portable.sin(view.angle)
     rows = view.centre[0] + s * sx + c * sy
     cols = view.centre[1] + c * sx - s * sy
     grey = ndimage.map_coordinates(_texture_source(view.name), [rows, cols], order=1)
