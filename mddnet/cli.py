@@ -94,7 +94,6 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from mddnet.evaluate import evaluate_checkpoint, save_predictions
     from mddnet.io import write_json
-    from mddnet.report import main_table
 
     config = _load(args)
     run = evaluate_checkpoint(config, args.checkpoint)
@@ -103,7 +102,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         save_predictions(args.predictions_out, run.predictions)
     if args.provenance_out:
         write_json(args.provenance_out, run.provenance)
-    print((100 * main_table(run.metrics)).round(config.report.decimals).to_string())
+    print(run.table(config.report.decimals).to_string())
     return 0
 
 

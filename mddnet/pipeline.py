@@ -79,12 +79,13 @@ STAGE_MODULES = {
         *_SESSION,
         *_DATA,
         *_MODEL,
+        "mddnet/data/anomalies.py",
         "mddnet/data/datasets.py",
         "mddnet/metrics.py",
         "mddnet/reference.py",
     ],
-    "main_results": [*_SESSION, "mddnet/report.py"],
-    "ablations": [*_SESSION, "mddnet/report.py"],
+    "main_results": [*_SESSION, "mddnet/metrics.py", "mddnet/report.py"],
+    "ablations": [*_SESSION, "mddnet/metrics.py", "mddnet/report.py"],
     "figures": [
         *_SESSION,
         *_DATA,
@@ -216,6 +217,16 @@ def _has_key(raw: Mapping[str, Any], dotted: str) -> bool:
     return True
 
 
+def _figure_files(
+    folder: str, names: Iterable[str], formats: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """(PNGs, other formats) of the named figures: PNGs are DVC image plots, so `dvc plots
+    show` shows them offline; they are always written, since notebooks display them."""
+    pngs = [f"{folder}/{name}.png" for name in names]
+    others = [f"{folder}/{name}.{ext}" for name in names for ext in formats if ext != "png"]
+    return pngs, others
+
+
 def _uncached(paths: Iterable[str]) -> list[dict[str, dict[str, bool]]]:
     return [{path: {"cache": False}} for path in paths]
 
@@ -236,7 +247,9 @@ class _Stages:
     def prepare(self) -> dict[str, Any]:
         p, config = self.paths, self.params.base
         summary, samples = f"{p.results}/data/summary.csv", f"{p.results}/figures/data_samples"
-        figures = [f"{samples}.{ext}" for ext in dict.fromkeys((*config.figures.formats, "png"))]
+        pngs, others = _figure_files(
+            f"{p.results}/figures", ["data_samples"], config.figures.formats
+        )
         parameters = {"summary_out": summary, "samples_figure": samples}
         return {
             "cmd": _papermill(p, "prepare", p.executed("prepare"), parameters),
@@ -244,8 +257,9 @@ class _Stages:
             "params": _params(self.chain, self.repo, "prepare", False),
             "outs": [
                 *(self.data if config.data.generate else []),
-                *_uncached([summary, *figures, p.executed("prepare")]),
+                *_uncached([summary, *others, p.executed("prepare")]),
             ],
+            "plots": _uncached(pngs),
         }
 
     def train(self) -> dict[str, Any]:
@@ -339,16 +353,8 @@ class _Stages:
 
     def figures(self) -> dict[str, Any]:
         p, config = self.paths, self.params.base
-        names = [
-            "qualitative",
-            "per_class",
-            "ablation",
-            "losses",
-            "roc_pr",
-            "prototypes",
-        ]
-        formats = dict.fromkeys((*config.figures.formats, "png"))  # the PNG is what notebooks show
-        files = [f"{p.results}/figures/{n}.{ext}" for n in names for ext in formats]
+        names = ["qualitative", "per_class", "ablation", "losses", "roc_pr", "prototypes"]
+        pngs, others = _figure_files(f"{p.results}/figures", names, config.figures.formats)
         parameters = {
             "metrics_dir": f"{p.results}/metrics",
             "losses_dir": f"{p.results}/losses",
@@ -367,7 +373,8 @@ class _Stages:
             "cmd": _papermill(p, "figures", p.executed("figures"), parameters),
             "deps": self._deps("figures", deps),
             "params": _params(self.chain, self.repo, "figures", False),
-            "outs": _uncached([*files, p.executed("figures")]),
+            "outs": _uncached([*others, p.executed("figures")]),
+            "plots": _uncached(pngs),
         }
 
 

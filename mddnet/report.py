@@ -213,12 +213,17 @@ def ablation_table(
     return frame
 
 
+# Short keys, so that `dvc metrics show` of a pipeline fits 120 columns with one row per variant.
+SUMMARY_KEYS = {**HEADERS, "image_f1_max": "I-F1", "pixel_f1_max": "P-F1"}
+
+
 def summary_metrics(row: Mapping[str, Any], decimals: int) -> dict[str, Any]:
-    """A variant's summary for `dvc metrics show`: percent means, mAD's sd, the seed count."""
-    shown = {HEADERS[m]: round(100 * float(row[m]), decimals) for m in METRICS}
+    """A variant's summary for `dvc metrics show`: percent means over seeds, `sd` (of mAD over
+    seeds; null for one seed) and `n` (seeds)."""
+    shown = {SUMMARY_KEYS[m]: round(100 * float(row[m]), decimals) for m in METRICS}
     sd = row.get("mad_sd")
-    shown["mAD sd"] = None if sd is None or pd.isna(sd) else round(100 * float(sd), decimals)
-    return {**shown, "seeds": int(row["seeds"])}
+    shown["sd"] = None if sd is None or pd.isna(sd) else round(100 * float(sd), decimals)
+    return {**shown, "n": int(row["seeds"])}
 
 
 def caption(config: Config, what: str) -> str:

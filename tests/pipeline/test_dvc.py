@@ -14,27 +14,21 @@ import papermill
 import pytest
 import yaml
 
-from mddnet.config import load_config
-from mddnet.pipeline import HEADER, PipelinePaths, render_pipeline
+from mddnet.config import load_params
+from mddnet.pipeline import HEADER, STAGE_MODULES, PipelinePaths, render_pipeline, runs
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE_FILES = [REPO / "dvc.yaml", *sorted((REPO / "pipelines").glob("*/dvc.yaml"))]
 
 
 def _paths_of(dvc_file: Path) -> PipelinePaths:
-    if dvc_file.parent == REPO:
-        return PipelinePaths()
-    name = dvc_file.parent.name
-    return PipelinePaths(
-        params=f"pipelines/{name}/params.yaml",
-        results=f"results/{name}",
-        artifacts=f"artifacts/{name}",
-    )
+    return PipelinePaths.for_dataset(None if dvc_file.parent == REPO else dvc_file.parent.name)
 
 
-def _expand(value: Any, key: str, item: str) -> Any:
+def _expand(value: Any, key: str, item: dict[str, Any]) -> Any:
     if isinstance(value, str):
-        return value.replace("${key}", key).replace("${item}", item)
+        value = value.replace("${key}", key)
+        return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), value)
     if isinstance(value, list):
         return [_expand(v, key, item) for v in value]
     if isinstance(value, dict):
@@ -49,9 +43,7 @@ def stages(dvc_file: Path) -> dict[str, dict[str, Any]]:
         if "foreach" not in stage:
             expanded[name] = stage
             continue
-        loop = stage["foreach"]
-        pairs = loop.items() if isinstance(loop, dict) else ((i, i) for i in loop)
-        for key, item in pairs:
+        for key, item in stage["foreach"].items():
             expanded[f"{name}@{key}"] = _expand(stage["do"], key, item)
     return expanded
 
@@ -74,21 +66,32 @@ CASES = [(f, s) for f in PIPELINE_FILES for s in stages(f)]
 def test_the_committed_pipelines_are_what_the_params_render() -> None:
     for dvc_file in PIPELINE_FILES:
         paths = _paths_of(dvc_file)
-        wdir = None if dvc_file.parent == REPO else "../.."
-        assert yaml.safe_load(dvc_file.read_text()) == render_pipeline(REPO, paths, wdir), (
+        assert yaml.safe_load(dvc_file.read_text()) == render_pipeline(REPO, paths), (
             f"{dvc_file} is stale: run `mddnet pipeline` (see its header)"
         )
         assert dvc_file.read_text().startswith(HEADER.format(params=paths.params))
 
 
+def test_the_chain_trains_once_per_seed_and_every_other_variant_once() -> None:
+    params = load_params(REPO / "params.yaml")
+    seeds, chain = params.base.seeds, params.base.report.chain
+    trained = runs(params, trained=True)
+    assert {k for k in trained if k.startswith("mddnet-")} == {f"mddnet-s{s}" for s in seeds}
+    for name in params.trained():
+        expected = len(seeds) if name in chain else 1
+        assert sum(run["variant"] == name for run in trained.values()) == expected, name
+    evaluated = runs(params, trained=False)
+    assert evaluated["score_tr-s1"]["checkpoint"] == "mddnet-s1"  # borrows its seed's model
+    assert set(evaluated) >= set(trained)
+
+
 def test_the_default_pipeline_has_the_expected_stages() -> None:
-    config = load_config(REPO / "params.yaml")
-    trained = [n for n, v in config.variants.items() if v.checkpoint is None]
+    params = load_params(REPO / "params.yaml")
     expected = (
         ["prepare"]
-        + [f"train@{n}" for n in trained]
-        + [f"evaluate@{n}" for n in config.variants]
-        + ["main_results", "ablations", "figures"]
+        + [f"train@{run}" for run in runs(params, trained=True)]
+        + [f"evaluate@{run}" for run in runs(params, trained=False)]
+        + ["reference", "main_results", "ablations", "figures"]
     )
     assert list(stages(REPO / "dvc.yaml")) == expected
 
@@ -104,7 +107,8 @@ def test_every_parameter_is_declared_and_passed_and_every_out_is_passed(
     declared = papermill.inspect_notebook(str(REPO / notebook))
     assert set(passed) == set(declared), f"{name}: -p names != the notebook's parameters"
     assert executed.startswith(_paths_of(dvc_file).results + "/notebooks/")
-    config = load_config(REPO / _paths_of(dvc_file).params)
+    config = load_params(REPO / _paths_of(dvc_file).params).base
+    roots = {root.as_posix() for root in config.data.root_paths()}
     values = set(passed.values())
     for out in (
         _paths(stage.get("outs", []))
@@ -114,7 +118,7 @@ def test_every_parameter_is_declared_and_passed_and_every_out_is_passed(
         passed_as = (
             out in values
             or out == executed
-            or out == config.data.root
+            or out in roots
             or any(out.startswith(v + "/") or out.startswith(v + ".") for v in values)
         )
         assert passed_as, f"{name}: out {out} is not passed to the notebook"
@@ -131,6 +135,10 @@ print(json.dumps(sorted(
     if name.split(".")[0] == "mddnet" and getattr(m, "__file__", None)
 )))
 """
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep + "/") for dep in deps)
 
 
 @pytest.mark.parametrize(
@@ -150,8 +158,14 @@ def test_stage_deps_cover_every_module_the_notebook_loads(notebook: str) -> None
     for dvc_file in PIPELINE_FILES:
         for name, stage in stages(dvc_file).items():
             if _command(stage)[0] == notebook:
-                missing = loaded - set(_paths(stage["deps"]))
+                missing = {p for p in loaded if not _covered(p, _paths(stage["deps"]))}
                 assert not missing, f"{dvc_file.name}:{name} lacks deps {sorted(missing)}"
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "reference"])
+def test_no_table_or_figure_module_is_a_dep_of_a_computing_stage(stage: str) -> None:
+    # A caption or a figure colour must not retrain a model (or re-evaluate one).
+    assert not {"mddnet/report.py", "mddnet/plots.py"} & set(STAGE_MODULES[stage])
 
 
 def test_results_are_committed_not_cached_and_intermediates_are_cached() -> None:
@@ -162,6 +176,12 @@ def test_results_are_committed_not_cached_and_intermediates_are_cached() -> None
                 path = next(iter(entry)) if isinstance(entry, dict) else entry
                 cached = not (isinstance(entry, dict) and entry[path].get("cache") is False)
                 assert cached == (not path.startswith(results + "/")), f"{name}: {path}"
+
+
+def test_figures_are_image_plots_so_dvc_shows_them_offline() -> None:
+    plots = [p for s in stages(REPO / "dvc.yaml").values() for p in _paths(s.get("plots", []))]
+    assert "results/figures/qualitative.png" in plots
+    assert "results/figures/data_samples.png" in plots
 
 
 def test_dvc_analytics_are_off() -> None:
