@@ -2,13 +2,16 @@
 
 The copy has what a fresh clone has: the tracked and new files, but no `data/`, no `artifacts/`,
 no DVC cache and no `results/`. So this test also proves that `data.dvc` (real inputs, absent
-here) does not stop the offline default, and that every notebook runs through papermill.
+here) does not stop the offline default, and that every notebook runs through papermill. It then
+checks what a reviewer sees: figures in the executed notebooks, no machine paths, `dvc metrics
+show` in 120 columns, `dvc plots show` offline, and that a table or figure edit retrains nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from mddnet.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
+MACHINE_PATH = re.compile(r"[\"'( ](/work/|/tmp/|/home/|/root/|/private/|/Users/)")
 
 
 def _working_tree_files() -> list[str]:
@@ -38,6 +42,7 @@ def _working_tree_files() -> list[str]:
 
 def _tiny_params(raw: dict) -> dict:
     keep = {"rd_baseline", "mddnet", "score_tr"}
+    raw["seeds"] = [0, 1]
     raw["data"]["benchmark"].update(
         classes=["brick", "washer"],
         image_size=64,
@@ -46,11 +51,16 @@ def _tiny_params(raw: dict) -> dict:
         test_defect_per_class=2,
     )
     raw["data"]["image_size"] = 64
-    raw["train"].update(epochs=2, batch_size=4, checkpoint_every=1)
+    raw["train"].update(steps=2, batch_size=4, checkpoint_every=1)
+    raw["calibration"]["holdout"] = 0.25
     raw["evaluate"]["batch_size"] = 8
     raw["variants"] = {k: v for k, v in raw["variants"].items() if k in keep}
-    raw["report"].update(ablation=["rd_baseline", "mddnet"], scoring=["score_tr"])
-    raw["report"]["reproduced"] = ["rd_baseline", "mddnet"]
+    raw["report"].update(
+        chain=["rd_baseline", "mddnet"],
+        ablation=["rd_baseline", "mddnet"],
+        scoring=["score_tr"],
+        reproduced=["rd_baseline", "mddnet"],
+    )
     raw["figures"].update(compare=["rd_baseline", "mddnet"], formats=["png"], dpi=40)
     raw["figures"]["qualitative_per_class"] = 1
     return raw
@@ -60,6 +70,18 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    result = _run([sys.executable, "-m", "dvc", *args], cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _commit(cwd: Path, message: str) -> None:
+    for args in (["add", "-A"], ["commit", "-qm", message]):
+        done = _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd)
+        assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -77,58 +99,93 @@ def tiny_repo(tmp_path_factory) -> Path:
     return copy
 
 
-def test_status_lists_every_stage_as_pending(tiny_repo: Path) -> None:
+@pytest.fixture(scope="module")
+def reproduced(tiny_repo: Path) -> Path:
+    """The tiny repository after one `dvc repro`, committed (as a user would before trying)."""
+    status = _dvc(tiny_repo, "status", "--json")
     # `dvc status`, not `dvc repro --dry`: DVC 3.x's dry run hashes the missing outputs of
     # upstream stages on a fresh clone and crashes (treeverse/dvc#9818).
-    status = _run([sys.executable, "-m", "dvc", "status", "--json"], tiny_repo)
-    assert status.returncode == 0, status.stderr
     pending = json.loads(status.stdout)
-    for stage in (
-        "prepare",
-        "train@rd_baseline",
-        "train@mddnet",
-        "evaluate@score_tr",
-        "main_results",
-        "ablations",
-        "figures",
-    ):
+    for stage in ("prepare", "train@mddnet-s1", "evaluate@score_tr-s1", "reference", "figures"):
         assert pending[stage], f"{stage} is not pending before the first repro"
+    _dvc(tiny_repo, "repro")
+    _commit(tiny_repo, "first repro")
+    return tiny_repo
 
 
-def test_repro_makes_every_result_and_a_second_repro_does_nothing(tiny_repo: Path) -> None:
-    first = _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    results = tiny_repo / "results"
-    for variant in ("rd_baseline", "mddnet", "score_tr"):
-        metrics = json.loads((results / "metrics" / f"{variant}.json").read_text())
-        assert metrics["variant"] == variant and metrics["dataset"] == "generated"
+def test_repro_makes_every_result_and_a_second_repro_does_nothing(reproduced: Path) -> None:
+    results = reproduced / "results"
+    for run in ("rd_baseline-s0", "rd_baseline-s1", "mddnet-s0", "mddnet-s1", "score_tr-s1"):
+        metrics = json.loads((results / "metrics" / f"{run}.json").read_text())
+        assert f"{metrics['variant']}-s{metrics['seed']}" == run
         assert set(metrics["mean"]) == set(METRIC_NAMES)
         assert all(0.0 <= v <= 1.0 for v in metrics["mean"].values())
         assert set(metrics["per_class"]) == {"brick", "washer"}
+    assert json.loads((results / "metrics" / "reference.json").read_text())["variant"]
     for table in ("main", "paper_vs_reproduced", "ablation", "scoring"):
         for ext in ("csv", "md", "tex"):
             assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
-    for figure in (
-        "data_samples",
-        "qualitative",
-        "per_class",
-        "ablation",
-        "losses",
-        "roc_pr",
-        "prototypes",
-    ):
+    ablation = (results / "tables" / "ablation.md").read_text()
+    assert "\u00b1" in ablation and "[reference]" in ablation  # seeds' sd and the reference row
+    for figure in ("data_samples", "qualitative", "per_class", "ablation", "losses", "roc_pr"):
         assert (results / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    executed = sorted(p.name for p in (results / "notebooks").glob("*.ipynb"))
-    assert len(executed) == 1 + 2 + 3 + 3
-    assert not list((tiny_repo / "artifacts" / "checkpoints").glob(".*resume*"))
+    assert not list((reproduced / "artifacts" / "checkpoints").glob(".*resume*"))
 
     started = time.perf_counter()
-    second = _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)
-    assert second.returncode == 0, second.stderr
+    second = _dvc(reproduced, "repro")
     assert "Data and pipelines are up to date" in second.stdout
     assert time.perf_counter() - started < 30
 
-    shown = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], tiny_repo)
-    listed = json.loads(shown.stdout)
-    files = {Path(f).stem for entry in listed.values() for f in entry["data"]}
-    assert files == {"rd_baseline", "mddnet", "score_tr"}
+
+def test_executed_notebooks_show_their_figures_and_no_machine_path(reproduced: Path) -> None:
+    results = reproduced / "results"
+    for name in ("01_prepare_data", "07_figures"):
+        cells = json.loads((results / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        outputs = [o for c in cells for o in c.get("outputs", [])]
+        assert any("image/png" in o.get("data", {}) for o in outputs), name
+    for path in results.rglob("*"):
+        if path.suffix in (".json", ".ipynb", ".csv", ".md", ".tex"):
+            found = MACHINE_PATH.search(path.read_text(encoding="utf-8"))
+            assert not found, f"{path.relative_to(reproduced)}: {found.group(0)!r}"
+    train = (results / "notebooks" / "02_train" / "mddnet-s0.ipynb").read_text()
+    assert "it/s" not in train and "step/s" not in train  # a line per epoch, no progress bars
+
+
+def test_metrics_show_is_one_narrow_row_per_variant(reproduced: Path) -> None:
+    shown = _dvc(reproduced, "metrics", "show").stdout.strip().splitlines()
+    assert max(map(len, shown)) <= 120, "\n".join(shown)
+    rows = [line.split()[0] for line in shown[1:]]
+    assert sorted(rows) == sorted(
+        f"results/summary/{v}.json" for v in ("rd_baseline", "mddnet", "score_tr")
+    )
+
+
+def test_plots_show_renders_the_figures_from_local_files(reproduced: Path, tmp_path: Path) -> None:
+    _dvc(reproduced, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    images = re.findall(r"<img[^>]*src=\"([^\"]+)\"", page)
+    assert any("qualitative" in src for src in images), images
+    assert all(not src.startswith("http") for src in images)
+
+
+def test_editing_a_table_or_figure_module_retrains_nothing(reproduced: Path) -> None:
+    for module, stale in (("report.py", False), ("plots.py", False), ("losses.py", True)):
+        path = reproduced / "mddnet" / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            changed = json.loads(_dvc(reproduced, "status", "--json").stdout)
+        finally:
+            path.write_text(original)
+        trains = [name for name in changed if name.startswith("train@")]
+        assert bool(trains) == stale, f"{module}: stale train stages {trains}"
+
+
+def test_readme_try_a_setting_reruns_only_what_depends_on_it(reproduced: Path) -> None:
+    """The README's `dvc exp run -S` example: a scoring setting re-evaluates, never retrains."""
+    run = _dvc(reproduced, "exp", "run", "-S", "evaluate.image_score=topk_mean")
+    ran = set(re.findall(r"Running stage '([^']+)'", run.stdout))
+    assert ran and not any(name.startswith(("train@", "prepare")) for name in ran), ran
+    assert any(name.startswith("evaluate@") for name in ran)
+    diff = _dvc(reproduced, "metrics", "diff").stdout
+    assert "results/summary/mddnet.json" in diff
