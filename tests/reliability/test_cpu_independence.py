@@ -1,4 +1,4 @@
-"""The same numbers under another instruction set (issue 14): what a fresh clone on another CPU gets.
+"""The same numbers under another instruction set (issue 14), as on a fresh clone elsewhere.
 
 Each run happens in its own process, so every library picks its kernels afresh. A "smaller CPU"
 is emulated by capping numpy's SIMD dispatch (NPY_DISABLE_CPU_FEATURES, read at import), OpenBLAS's
