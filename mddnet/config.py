@@ -192,6 +192,7 @@ class TrainConfig:
     discrepancy_gradient: DiscrepancyGradient
     loss_weights: LossWeights
     checkpoint_every: int = field(metadata=_min(1))
+    cache_teacher: bool
     device: Device
     channels_last: bool
     precision: Precision

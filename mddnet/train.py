@@ -153,6 +153,24 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     )
 
 
+@torch.no_grad()
+def _teacher_maps(
+    teacher: torch.nn.Module, batch: dict[str, Any]
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """(T(x_n), T(x_a)): T(x_n) from the batch's cached maps when it has them, else computed;
+    T(x_a) computed only for the images that got an anomaly (the others are x_n itself), or
+    None to let the model compute it."""
+    if "teacher_normal" not in batch:
+        return teacher(batch["normal"]), None
+    normal = batch["teacher_normal"]
+    changed = batch["mask"].flatten(1).amax(dim=1) > 0  # (B,) images that differ from x_n
+    anomalous = [maps.clone() for maps in normal]
+    if changed.any():
+        for maps, computed in zip(anomalous, teacher(batch["anomalous"][changed]), strict=True):
+            maps[changed] = computed
+    return normal, anomalous
+
+
 def train_step(
     network: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -165,7 +183,9 @@ def train_step(
     """One optimisation step on a batch already on the device: F_n = T(x_n), the model on x_a,
     every loss term, backward and the optimizer step.
 
-    The forward passes run under `train.precision` autocast, the losses in fp32; `scaler`
+    With `batch["teacher_normal"]` (the trainer's cache of the frozen teacher's maps), the teacher
+    runs only on the images that got an anomaly. The forward passes run under `train.precision`
+    autocast, the losses in fp32; `scaler`
     (from `device.grad_scaler`) scales the loss for fp16 and is a no-op otherwise. Under torchrun
     (`context`) the balanced discrepancy counts pixels over the global batch.
     """
@@ -180,9 +200,8 @@ def train_step(
         processes,
     )
     with autocast(device, config.train.precision):
-        with torch.no_grad():
-            teacher_normal = teacher(batch["normal"])
-        output = network(batch["anomalous"], batch["class_id"])
+        teacher_normal, teacher_anomalous = _teacher_maps(teacher, batch)
+        output = network(batch["anomalous"], batch["class_id"], teacher_anomalous)
     terms = compute_losses(
         output,
         teacher_normal,
@@ -214,6 +233,7 @@ class _Run(NamedTuple):
     device: torch.device
     context: Context
     layout: torch.memory_format
+    teacher_cache: list[torch.Tensor] | None  # T(x_n) of every training image, per scale
 
 
 def _prepare(config: Config, roots: Sequence[Path]) -> _Run:
@@ -245,7 +265,31 @@ def _prepare(config: Config, roots: Sequence[Path]) -> _Run:
         )
     optimizer = make_optimizer(model, config)
     scaler = grad_scaler(device, config.train.precision)
-    return _Run(model, network, optimizer, scaler, dataset, held_out, device, context, layout)
+    cache = (
+        _teacher_cache(model, dataset, config, device, layout)
+        if config.train.cache_teacher
+        else None
+    )
+    return _Run(
+        model, network, optimizer, scaler, dataset, held_out, device, context, layout, cache
+    )
+
+
+@torch.no_grad()
+def _teacher_cache(
+    model: MDDNet,
+    dataset: TrainDataset,
+    config: Config,
+    device: torch.device,
+    layout: torch.memory_format,
+) -> list[torch.Tensor]:
+    """The frozen teacher's maps of every training image, computed once instead of every step."""
+    normals = NormalDataset(dataset.samples, dataset.class_names, dataset.image_size)
+    parts: list[list[torch.Tensor]] = []
+    for batch in DataLoader(normals, batch_size=config.train.batch_size):
+        with autocast(device, config.train.precision):
+            parts.append(model.teacher(batch["image"].to(device, memory_format=layout)))
+    return [torch.cat(maps) for maps in zip(*parts, strict=True)]
 
 
 def _payload(run: _Run, config: Config, state: TrainState, complete: bool) -> dict[str, Any]:
@@ -298,15 +342,16 @@ def _batches(run: _Run, config: Config, step: int) -> Iterator[tuple[int, dict[s
             dataset, batch_sampler=shard, num_workers=config.data.num_workers, pin_memory=pin
         )
         for batch in loader:
-            yield (
-                epoch,
-                {
-                    key: batch[key].to(run.device, memory_format=run.layout)
-                    if key in ("normal", "anomalous")
-                    else batch[key].to(run.device)
-                    for key in ("normal", "anomalous", "mask", "class_id")
-                },
-            )
+            on_device = {
+                key: batch[key].to(run.device, memory_format=run.layout)
+                if key in ("normal", "anomalous")
+                else batch[key].to(run.device)
+                for key in ("normal", "anomalous", "mask", "class_id")
+            }
+            if run.teacher_cache is not None:
+                index = batch["index"].to(run.device)
+                on_device["teacher_normal"] = [maps[index] for maps in run.teacher_cache]
+            yield epoch, on_device
         epoch, offset = epoch + 1, 0
 
 

@@ -172,6 +172,7 @@ class TrainDataset(Dataset):
             "anomalous": normalize(anomalous),
             "mask": torch.from_numpy(mask)[None],  # (1, S, S)
             "class_id": self.class_ids[index],
+            "index": index,  # where the trainer's cache keeps T(x_n)
         }
 
 

@@ -53,12 +53,17 @@ class MDDNet(nn.Module):
         self.identity_decoder = identity_decoder
         self.memory = memory
 
-    def forward(self, image: Tensor, class_ids: Tensor | None = None) -> MDDNetOutput:
+    def forward(
+        self, image: Tensor, class_ids: Tensor | None = None, teacher: list[Tensor] | None = None
+    ) -> MDDNetOutput:
         """`image` (B, 3, H, W) ImageNet-normalised; `class_ids` (B,) or None to predict them.
 
-        Without a memory the class is not used, and `class_ids` in the output is None.
+        Without a memory the class is not used, and `class_ids` in the output is None. `teacher`
+        is T(image) when the caller has it already (the frozen teacher's maps of a training image
+        are cached), so it is not computed again.
         """
-        teacher = self.teacher(image)  # [(B, C_i, H/r_i, W/r_i)]
+        if teacher is None:
+            teacher = self.teacher(image)  # [(B, C_i, H/r_i, W/r_i)]
         z = self.bottleneck(teacher)  # (B, D, H/(2 r_last), W/(2 r_last))
         if self.memory is None:
             restoration_input, logits, read_ids, attention = z, None, None, None
