@@ -18,8 +18,6 @@ from mddnet.errors import MddnetError
 
 __all__ = ["main"]
 
-log = logging.getLogger(__name__)
-
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 (a Config; imported lazily)
     """The run's config from --params/--variant/--seed, with the CPU kernels pinned as it says."""

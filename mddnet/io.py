@@ -80,6 +80,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
+    """Read a JSON file a stage wrote, with errors that say which stage to rerun."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (run the stage that writes it first)")

@@ -164,6 +164,57 @@ def dataset_samples(
     return fig
 
 
+def _map_panels(
+    predictions: Predictions, rows: Sequence[int], absent: set[str], image_size: int
+) -> dict[int, np.ndarray]:
+    """Grid column of each drawn map -> its panels (R, S, S), resized like the images."""
+    return {
+        column: np.stack(
+            [
+                _resized(
+                    np.asarray(getattr(predictions, field)[i], np.float32),
+                    image_size,
+                    Image.Resampling.BILINEAR,
+                )
+                for i in rows
+            ]
+        )
+        for column, (_, field) in enumerate(_MAP_COLUMNS, start=2)
+        if field not in absent
+    }
+
+
+def _draw_row(
+    axes: Sequence[Any],
+    predictions: Predictions,
+    index: int,
+    panels: Mapping[int, np.ndarray],
+    image_size: int,
+    scales: Mapping[int, tuple[float, float]],
+) -> None:
+    """One test image of the qualitative grid: image, ground truth, its map panels (each column
+    on its own colour scale, shared by all rows)."""
+    with Image.open(predictions.paths[index]) as image:
+        rgb = np.asarray(
+            image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        )  # (S, S, 3)
+    mask = np.asarray(predictions.masks[index], np.uint8) * 255
+    mask = _resized(mask, image_size, Image.Resampling.NEAREST) > 0  # (S, S)
+    # aspect="auto": panels fill their cells, no gaps from a fixed aspect ratio.
+    axes[0].imshow(rgb, aspect="auto")
+    axes[1].imshow(rgb, aspect="auto")
+    axes[1].imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, aspect="auto")
+    for c, panel in panels.items():
+        low, high = scales[c]
+        axes[c].imshow(panel, cmap="jet", vmin=low, vmax=high, aspect="auto")
+    if mask.any():  # the ground-truth outline on the overlay and on every map
+        for c in (1, *panels):
+            axes[c].contour(mask, levels=[0.5], colors="white", linewidths=0.7)
+    class_name = predictions.class_names[int(predictions.class_ids[index])]
+    defect = Path(predictions.paths[index]).parent.name
+    axes[0].set_ylabel(f"{class_name}\n{defect}", fontsize=8)
+
+
 def qualitative_grid(
     predictions: Predictions, per_class: int, image_size: int, *, style: str = "white"
 ) -> Figure:
@@ -181,21 +232,7 @@ def qualitative_grid(
     titles = ["image", "ground truth"] + [
         f"{title} (n/a)" if field in absent else title for title, field in _MAP_COLUMNS
     ]
-    # Grid column of each drawn map -> its panels, (R, S, S), resized like the images.
-    maps = {
-        c: np.stack(
-            [
-                _resized(
-                    np.asarray(getattr(predictions, field)[i], np.float32),
-                    image_size,
-                    Image.Resampling.BILINEAR,
-                )
-                for i in rows
-            ]
-        )
-        for c, (_, field) in enumerate(_MAP_COLUMNS, start=2)
-        if field not in absent
-    }
+    maps = _map_panels(predictions, rows, absent, image_size)
     with _styled(style):
         fig = Figure(figsize=(1.4 * len(titles), 1.4 * len(rows) + 0.5), layout="constrained")
         # One thin extra row holds the colour bars of the map columns.
@@ -206,30 +243,9 @@ def qualitative_grid(
             gridspec_kw={"height_ratios": [1.0] * len(rows) + [0.07]},
         )
         for r, index in enumerate(rows):
-            with Image.open(predictions.paths[index]) as image:
-                rgb = np.asarray(
-                    image.convert("RGB").resize(
-                        (image_size, image_size), Image.Resampling.BILINEAR
-                    )
-                )  # (S, S, 3)
-            mask = np.asarray(predictions.masks[index], np.uint8) * 255
-            mask = _resized(mask, image_size, Image.Resampling.NEAREST) > 0  # (S, S)
-            # aspect="auto": panels fill their cells, no gaps from a fixed aspect ratio.
-            axes[r, 0].imshow(rgb, aspect="auto")
-            axes[r, 1].imshow(rgb, aspect="auto")
-            axes[r, 1].imshow(
-                np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, aspect="auto"
-            )
-            for c, panels in maps.items():
-                axes[r, c].imshow(
-                    panels[r], cmap="jet", vmin=panels.min(), vmax=panels.max(), aspect="auto"
-                )
-            if mask.any():  # the ground-truth outline on the overlay and on every map
-                for c in (1, *maps):
-                    axes[r, c].contour(mask, levels=[0.5], colors="white", linewidths=0.7)
-            class_name = predictions.class_names[int(predictions.class_ids[index])]
-            defect = Path(predictions.paths[index]).parent.name
-            axes[r, 0].set_ylabel(f"{class_name}\n{defect}", fontsize=8)
+            scales = {c: (float(p.min()), float(p.max())) for c, p in maps.items()}
+            row = {c: p[r] for c, p in maps.items()}
+            _draw_row(axes[r], predictions, index, row, image_size, scales)
         for ax in axes[:-1].flat:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -420,6 +436,25 @@ def roc_pr_curves(
     return fig
 
 
+def _project(points: np.ndarray, method: str) -> tuple[np.ndarray, list[str]]:
+    """2-D coordinates of `points` (N, D) and the axis labels, by PCA or t-SNE."""
+    if method not in _PROJECTION_NAMES:
+        raise ValueError(f"projection method must be 'pca' or 'tsne', got {method!r}")
+    if method == "pca":
+        pca = PCA(n_components=2, svd_solver="full")
+        coords = pca.fit_transform(points)  # (N, 2)
+        return coords, [
+            f"PC{i + 1} ({100 * r:.0f} % of variance)"
+            for i, r in enumerate(pca.explained_variance_ratio_)
+        ]
+    if len(points) < 4:
+        raise ValueError(f"t-SNE needs at least 4 prototypes, got {len(points)}; use pca")
+    tsne = TSNE(
+        n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0
+    )
+    return tsne.fit_transform(points), ["t-SNE 1", "t-SNE 2"]
+
+
 def prototype_projection(
     prototypes: np.ndarray,
     class_names: Sequence[str],
@@ -442,23 +477,7 @@ def prototype_projection(
     classes, k, _ = prototypes.shape
     points = prototypes.reshape(classes * k, -1)  # (C*K, D)
     points = points / np.linalg.norm(points, axis=1, keepdims=True).clip(min=1e-12)
-    if method not in _PROJECTION_NAMES:
-        raise ValueError(f"projection method must be 'pca' or 'tsne', got {method!r}")
-    if method == "pca":
-        pca = PCA(n_components=2, svd_solver="full")
-        coords = pca.fit_transform(points)  # (C*K, 2)
-        axis_labels = [
-            f"PC{i + 1} ({100 * r:.0f} % of variance)"
-            for i, r in enumerate(pca.explained_variance_ratio_)
-        ]
-    else:
-        if len(points) < 4:
-            raise ValueError(f"t-SNE needs at least 4 prototypes, got {len(points)}; use pca")
-        tsne = TSNE(
-            n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0
-        )
-        coords = tsne.fit_transform(points)
-        axis_labels = ["t-SNE 1", "t-SNE 2"]
+    coords, axis_labels = _project(points, method)
     colours = sns.color_palette("husl" if classes > 10 else "tab10", classes)
     with _styled(style):
         fig = Figure(figsize=(6.5, 4.5), layout="constrained")

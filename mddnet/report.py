@@ -10,7 +10,6 @@ each table is written as CSV (full precision), Markdown and LaTeX (booktabs) fro
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 
-from mddnet.io import write_json, write_text
+from mddnet.io import read_json, write_json, write_text
 from mddnet.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
@@ -328,10 +327,7 @@ def load_runs(folder: str | Path) -> dict[str, dict[str, Any]]:
         raise FileNotFoundError(f"{folder}: no metrics files; run the evaluate stages first")
     loaded: dict[str, dict[str, Any]] = {}
     for path in paths:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); rerun its evaluate stage") from err
+        data = read_json(path)
         for key in ("mean", "per_class"):
             if not isinstance(data.get(key), Mapping):
                 raise ValueError(

@@ -412,16 +412,7 @@ def fit(
     state = _resume(run, config, state_file) if resume else TrainState()
     resumed_from, earlier = state.step, state.wall_time_s
     total = config.train.steps
-    log.info(
-        "training %s on %d images of %d classes (%s) for %d steps on %s%s",
-        config.run,
-        len(run.dataset),
-        len(run.dataset.class_names),
-        ", ".join(run.dataset.class_names),
-        total,
-        run.device,
-        f" x {run.context.world_size} processes" if run.context.distributed else "",
-    )
+    _log_start(run, config)
     run.network.train()
     bar = tqdm(
         total=total,
@@ -444,16 +435,25 @@ def fit(
         _finish(run, config, state, checkpoint, losses_csv) if run.context.is_main else None
     )
     tenth = state.history[-max(1, len(state.history) // 10) :]
+    final = {key: float(np.mean([row[key] for row in tenth])) for key in LossTerms._fields}
+    plateau = loss_plateau([row["total"] for row in state.history])
+    names = run.dataset.class_names
     return TrainResult(
-        checkpoint,
-        losses_csv,
-        state.step,
-        run.dataset.class_names,
-        state.wall_time_s,
-        resumed_from,
-        {key: float(np.mean([row[key] for row in tenth])) for key in LossTerms._fields},
-        loss_plateau([row["total"] for row in state.history]),
-        calibration,
+        checkpoint, losses_csv, state.step, names, state.wall_time_s, resumed_from, final,
+        plateau, calibration,
+    )  # fmt: skip
+
+
+def _log_start(run: _Run, config: Config) -> None:
+    log.info(
+        "training %s on %d images of %d classes (%s) for %d steps on %s%s",
+        config.run,
+        len(run.dataset),
+        len(run.dataset.class_names),
+        ", ".join(run.dataset.class_names),
+        config.train.steps,
+        run.device,
+        f" x {run.context.world_size} processes" if run.context.distributed else "",
     )
 
 
