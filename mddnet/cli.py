@@ -66,6 +66,27 @@ _BENCHMARK_SIZES = (
 )
 
 
+def _download_dataset(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mddnet.data.fetch import download, source_of
+
+    archive = download(source_of(args.sources, args.name), Path(args.archive))
+    print(f"downloaded {args.name} to {archive} (sha256 checked)")
+    return 0
+
+
+def _extract_dataset(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mddnet.data.fetch import extract, source_of
+    from mddnet.data.layout import scan_dataset, summarize
+
+    out = extract(source_of(args.sources, args.name), Path(args.archive), Path(args.out))
+    print(summarize(scan_dataset(out)).to_string(index=False))
+    return 0
+
+
 def _make_benchmark(args: argparse.Namespace) -> int:
     from mddnet.benchmark import make_benchmark
     from mddnet.config import load_config
@@ -241,6 +262,22 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="VisA release folder (holds split_csv/1cls.csv)")
     p.add_argument("dst", help="output folder (must not exist or be empty)")
     p.set_defaults(func=_convert_visa)
+
+    for command, job, func in (
+        (
+            "download-dataset",
+            "download a real dataset's archive and check its sha256",
+            _download_dataset,
+        ),
+        ("extract-dataset", "unpack a downloaded archive into MVTec layout", _extract_dataset),
+    ):
+        p = sub.add_parser(command, help=job)
+        p.add_argument("name", help="a dataset of the sources file, e.g. mvtec_ad or visa")
+        p.add_argument("--sources", default="pipelines/datasets/params.yaml", help="sources file")
+        p.add_argument("--archive", required=True, help="the archive file (downloads/NAME.tar*)")
+        if command == "extract-dataset":
+            p.add_argument("--out", required=True, help="the dataset folder to write")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("make-benchmark", help="generate the offline benchmark in MVTec layout")
     p.add_argument("out", help="output folder (an earlier generated benchmark there is replaced)")
