@@ -1,8 +1,8 @@
-"""Copy the pipeline's tables into README.md (between the results markers), unchanged.
+"""Copy the pipelines' tables into README.md (between the results markers), unchanged.
 
-The README shows the main, ablation and scoring tables and the qualitative figure of results/;
-`tests/pipeline/test_readme.py` fails when the copy differs from what the pipeline wrote, so the
-numbers in the README always come from the pipeline. Run after `dvc repro`:
+The README shows tables of results/ (the offline default) and of results/<name>/ (the real-data
+pipelines); `tests/pipeline/test_readme.py` fails when a copy differs from what the pipeline
+wrote, so the numbers in the README always come from the pipelines. Run after `dvc repro`:
 
     .venv/bin/python scripts/sync_readme.py
 """
@@ -13,34 +13,43 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = (
-    ("Main results (per class, percent)", "results/tables/main.md"),
-    ("Ablation (mean over classes, percent; best in bold)", "results/tables/ablation.md"),
-    ("Scoring maps of the MDD-Net checkpoint", "results/tables/scoring.md"),
-)
-FIGURE = "results/figures/qualitative.png"
+# block name -> (title, table file) in README order; a block is <!-- NAME:start --> ... :end -->
+BLOCKS: dict[str, list[tuple[str, str]]] = {
+    "results": [
+        ("Ablation (mean over classes and seeds, percent)", "results/tables/ablation.md"),
+        ("Scoring maps of the MDD-Net checkpoints", "results/tables/scoring.md"),
+    ],
+    "bottle_tire": [
+        ("Ablation on bottle + tire (percent)", "results/bottle_tire/tables/ablation.md"),
+        ("Scoring maps", "results/bottle_tire/tables/scoring.md"),
+    ],
+    "mvtec_ad_mini": [
+        ("Ablation on mvtec_ad_mini (percent)", "results/mvtec_ad_mini/tables/ablation.md"),
+    ],
+    "mvtec_ad_bottle": [
+        ("Ablation on mvtec_ad_bottle (percent)", "results/mvtec_ad_bottle/tables/ablation.md"),
+    ],
+}
 
 
-def results_block() -> str:
-    parts = [START]
-    for title, path in SECTIONS:
-        parts += [f"**{title}** (`{path}`):", "", (REPO / path).read_text().strip(), ""]
-    parts += [
-        f"![Qualitative results: image, ground truth, the three anomaly maps]({FIGURE})",
-        END,
-    ]
-    return "\n".join(parts)
+def block(name: str) -> str:
+    """The text of one block, from the table files that exist (a pipeline not yet run has none)."""
+    parts = [f"<!-- {name}:start -->"]
+    for title, path in BLOCKS[name]:
+        if (REPO / path).is_file():
+            parts += [f"**{title}** (`{path}`):", "", (REPO / path).read_text().strip(), ""]
+    return "\n".join([*parts, f"<!-- {name}:end -->"])
 
 
-def main() -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no {START} ... {END} block to fill")
-    readme.write_text(pattern.sub(lambda _: results_block(), text))
+def synced(text: str) -> str:
+    for name in BLOCKS:
+        pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.DOTALL)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md: no <!-- {name}:start --> ... :end --> block to fill")
+        text = pattern.sub(lambda _, n=name: block(n), text)
+    return text
 
 
 if __name__ == "__main__":
-    main()
+    readme = REPO / "README.md"
+    readme.write_text(synced(readme.read_text()))
