@@ -12,10 +12,13 @@ from mddnet.config import Config, deep_merge, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["brick", "washer", "capsule"]
+HOLDOUT = 0.2  # of the tiny checkpoint: ceil(0.2 x 6) = 2 of each class's 6 training normals
 
 
-def tiny_overrides(root: Path, **train: object) -> dict:
-    """Params that train in seconds: 3 classes at 64 px, a handful of images, one epoch."""
+def tiny_overrides(root: Path, holdout: float = 0.0, **train: object) -> dict:
+    """Params that train in seconds: 3 classes at 64 px, a handful of images, 3 steps (one
+    epoch of 18 images in batches of 6); `holdout` keeps that fraction of each class's training
+    normals out of training for calibration (0: calibrate on the training normals)."""
     return {
         "data": {
             "root": str(root),
@@ -28,7 +31,8 @@ def tiny_overrides(root: Path, **train: object) -> dict:
                 "test_defect_per_class": 3,
             },
         },
-        "train": {"epochs": 1, "batch_size": 6, "checkpoint_every": 2, **train},
+        "train": {"steps": 3, "batch_size": 6, "checkpoint_every": 2, **train},
+        "calibration": {"holdout": holdout},
         "evaluate": {"batch_size": 16},
     }
 
@@ -43,20 +47,25 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_config(tiny_root: Path):
-    """`tiny_config(variant="mddnet", **train_overrides) -> Config` on the tiny benchmark."""
+    """`tiny_config(variant="mddnet", holdout=0.0, **train_overrides) -> Config` on the tiny
+    benchmark."""
 
-    def make(variant: str = "mddnet", **train: object) -> Config:
-        return load_config(REPO / "params.yaml", variant, tiny_overrides(tiny_root, **train))
+    def make(variant: str = "mddnet", holdout: float = 0.0, **train: object) -> Config:
+        overrides = tiny_overrides(tiny_root, holdout, **train)
+        return load_config(REPO / "params.yaml", variant, overrides)
 
     return make
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_root: Path, tmp_path_factory) -> Path:
-    """One epoch of the full model on the tiny benchmark, trained once per test session."""
+    """The full model on the tiny benchmark, trained once per test session: 4 steps on 12
+    images (2 of each class's 6 held out for calibration, so thresholds come from unseen
+    normals)."""
     from mddnet.train import fit
 
-    config = load_config(REPO / "params.yaml", "mddnet", tiny_overrides(tiny_root))
+    overrides = tiny_overrides(tiny_root, HOLDOUT, steps=4)
+    config = load_config(REPO / "params.yaml", "mddnet", overrides)
     return fit(config, tmp_path_factory.mktemp("ckpt") / "mddnet.pt", progress=False).checkpoint
 
 

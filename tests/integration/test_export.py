@@ -3,7 +3,7 @@
 Tolerance: atol 1e-4 on maps and scores. The tiny model's fused maps lie around 4 to 6 and the
 differences measured here are about 3e-6: float32 rounding, since onnxruntime fuses and reorders
 operations. The PyTorch side is `evaluate.predict` (scores, predicted classes) and, for maps in
-float32 (`predict` keeps float16), the same model + `scoring.anomaly_maps` calls.
+float32 (`predict` keeps float16), `checkpoint.Scorer`, the one inference path.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from mddnet.checkpoint import Scorer, TrainedModel, load_trained_model
 from mddnet.cli import main
-from mddnet.evaluate import TrainedModel, load_test_set, load_trained_model, predict
+from mddnet.evaluate import load_test_set, predict
 from mddnet.export import PREDICTED, export_onnx
 from mddnet.io import load_checkpoint, save_checkpoint
-from mddnet.scoring import anomaly_maps
 
 pytestmark = pytest.mark.slow
 
@@ -55,24 +55,23 @@ def _run(session: ort.InferenceSession, images: torch.Tensor, class_ids: torch.T
     return session.run(None, {"image": images.numpy(), "class_id": class_ids.numpy()})
 
 
+def _scorer(trained: TrainedModel, source: str | None = None) -> Scorer:
+    """The checkpoint's own scoring, with `evaluate.class_source` set to `source` if given."""
+    config = trained.config
+    if source is not None:
+        evaluate = dataclasses.replace(config.evaluate, class_source=source)
+        config = dataclasses.replace(config, evaluate=evaluate)
+    return Scorer.of(config, trained.calibration)
+
+
 def _torch_maps(trained: TrainedModel, images: torch.Tensor, class_ids: torch.Tensor | None):
     """Fused maps (N, S, S) in float32 (`predict` keeps them as float16)."""
-    settings = trained.config.evaluate
-    with torch.no_grad():
-        output = trained.model(images, class_ids)
-    return anomaly_maps(output, images.shape[-2:], settings.fusion, settings.blur_sigma).fused
-
-
-def _with_class_source(trained: TrainedModel, source: str):
-    evaluate = dataclasses.replace(trained.config.evaluate, class_source=source)
-    return dataclasses.replace(trained.config, evaluate=evaluate)
+    return _scorer(trained)(trained.model, images, class_ids).fused
 
 
 def test_onnx_with_given_classes_matches_pytorch(trained, session, test_set) -> None:
     dataset, images, class_ids = test_set
-    reference = predict(
-        trained.model, dataset, _with_class_source(trained, "label"), progress=False
-    )
+    reference = predict(trained.model, dataset, _scorer(trained, "label"), progress=False)
     anomaly_map, score, read = _run(session, images, class_ids)
     assert anomaly_map.shape == (18, 64, 64) and anomaly_map.dtype == np.float32
     np.testing.assert_allclose(anomaly_map, _torch_maps(trained, images, class_ids), atol=ATOL)
@@ -86,8 +85,7 @@ def test_onnx_with_given_classes_matches_pytorch(trained, session, test_set) -> 
 
 def test_onnx_with_predicted_classes_matches_pytorch(trained, session, test_set) -> None:
     dataset, images, _ = test_set
-    config = _with_class_source(trained, "predicted")
-    reference = predict(trained.model, dataset, config, progress=False)
+    reference = predict(trained.model, dataset, _scorer(trained, "predicted"), progress=False)
     anomaly_map, score, read = _run(session, images, torch.full((18,), PREDICTED))
     np.testing.assert_array_equal(read, reference.predicted_class_ids)
     np.testing.assert_allclose(anomaly_map, _torch_maps(trained, images, None), atol=ATOL)
@@ -150,7 +148,7 @@ def test_model_without_memory_ignores_the_class_and_scores_top_k(
         providers=["CPUExecutionProvider"],
     )
     dataset, images, class_ids = test_set
-    reference = predict(trained.model, dataset, trained.config, progress=False)
+    reference = predict(trained.model, dataset, _scorer(trained), progress=False)
     anomaly_map, score, read = _run(session, images, class_ids)
     np.testing.assert_allclose(anomaly_map, _torch_maps(trained, images, None), atol=ATOL)
     np.testing.assert_allclose(score, reference.scores, atol=ATOL, rtol=0)
@@ -160,6 +158,33 @@ def test_model_without_memory_ignores_the_class_and_scores_top_k(
     k = trained.config.evaluate.topk
     top_k = np.sort(anomaly_map.reshape(18, -1), axis=1)[:, -k:]
     np.testing.assert_allclose(score, top_k.mean(axis=1), atol=ATOL, rtol=0)
+
+
+def test_calibrated_scoring_is_exported_with_its_per_class_statistics(
+    tiny_checkpoint, test_set, tmp_path
+) -> None:
+    """`normalise` and `validated` settings: the graph z-scores each map with the statistics of
+    the class it reads (given or predicted) and uses the calibration's weight and image score."""
+    data = load_checkpoint(tiny_checkpoint)
+    data["config"]["evaluate"]["fusion"] |= {
+        "normalise": True,
+        "restoration_identity": "validated",
+    }
+    data["config"]["evaluate"]["image_score"] = "validated"
+    save_checkpoint(tmp_path / "calibrated.pt", data)
+    trained = load_trained_model(tmp_path / "calibrated.pt")
+    scorer = Scorer.of(trained.config, trained.calibration)
+    assert scorer.statistics is not None and scorer.image_score == trained.calibration.image_score
+    session = ort.InferenceSession(
+        str(export_onnx(tmp_path / "calibrated.pt", tmp_path / "calibrated.onnx")),
+        providers=["CPUExecutionProvider"],
+    )
+    _, images, class_ids = test_set
+    for given, ask in ((class_ids, class_ids), (None, torch.full((18,), PREDICTED))):
+        expected = scorer(trained.model, images, given)
+        anomaly_map, score, _ = _run(session, images, ask)
+        np.testing.assert_allclose(anomaly_map, expected.fused, atol=ATOL)
+        np.testing.assert_allclose(score, expected.scores, atol=ATOL, rtol=0)
 
 
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mddnet.checkpoint import load_trained_model
 from mddnet.cli import main
-from mddnet.evaluate import load_trained_model
 from mddnet.io import CheckpointError, load_checkpoint, save_checkpoint
 from mddnet.metrics import METRIC_NAMES
-from mddnet.predict import predict_images
+from mddnet.predict import CSV_COLUMNS, predict_images
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,24 @@ def test_predict_scores_the_readable_images_and_lists_the_broken(
     assert [Path(r["image"]).name for r in run.rows] == ["a.png", "b.png", "a.png"]
     assert [p.name for p, _ in run.failures] == ["broken.png"]
     assert "broken.png" in run.failures[0][1]
-    rows = list(csv.DictReader(run.scores_csv.open()))
-    assert len(rows) == 3 and all(float(r["score"]) > 0 for r in rows)
+    with run.scores_csv.open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert CSV_COLUMNS[:4] == ("image", "verdict", "score", "threshold")
+    assert len(rows) == 3
     assert {r["class_source"] for r in rows} == {"predicted by the memory"}
+    calibration = load_trained_model(tiny_checkpoint).calibration
+    names = load_trained_model(tiny_checkpoint).class_names
+    for row in rows:
+        # the verdict compares the calibrated score with its class's held-out threshold
+        score, threshold = float(row["score"]), float(row["threshold"])
+        assert row["verdict"] == ("anomalous" if score > threshold else "normal")
+        assert threshold == pytest.approx(calibration.thresholds[names.index(row["class"])])
+        assert row["threshold_source"] == (
+            f"highest score of the 6 held-out normal training images ({row['class']}: its own)"
+        )
+        assert Path(row["overlay"]).parent == tmp_path / "out" / "overlays"
     overlays = sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir())
     assert overlays == ["a.png", "a_1.png", "b.png"]  # same stems do not overwrite each other
     overlay = (tmp_path / "out" / "overlays" / "a.png").read_bytes()
@@ -55,6 +70,7 @@ def test_predict_with_a_given_class_reads_that_class(tiny_checkpoint, images, tm
         tiny_checkpoint, [images / "a.png"], tmp_path, class_name="washer", progress=False
     )
     assert run.rows[0]["class"] == "washer" and run.rows[0]["class_source"] == "given"
+    assert run.rows[0]["verdict"] in ("anomalous", "normal")
     with pytest.raises(
         ValueError, match=r"--class 'bolt': the checkpoint knows the classes brick"
     ):

@@ -19,7 +19,8 @@ from mddnet.config import deep_merge, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The tiny run: one model on every class, a few steps, a resume checkpoint after each step.
+# The tiny run: one model on every class, 4 steps (one epoch of 16 images in batches of 4), a
+# resume checkpoint after each step, calibration on the training normals (no hold-out).
 TINY = {
     "data": {
         "image_size": 32,  # the smallest input that leaves the stride-16 stage a 2 x 2 map
@@ -31,7 +32,8 @@ TINY = {
             "test_defect_per_class": 2,
         },
     },
-    "train": {"epochs": 1, "batch_size": 4, "checkpoint_every": 1, "device": "cpu"},
+    "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 1, "device": "cpu"},
+    "calibration": {"holdout": 0.0},
     "evaluate": {"batch_size": 8},
 }
 

@@ -252,7 +252,7 @@ def test_the_prepare_stage_lists_every_broken_file_and_writes_no_summary(params,
     config = load_config(params(tmp_path / "params.yaml", root))
     summary = tmp_path / "results" / "summary.csv"
     with pytest.raises(DatasetError) as error:
-        prepare_dataset(config, root, summary)
+        prepare_dataset(config, [root], summary)
     assert sorted(p.split(": ")[0] for p in error.value.problems) == sorted(map(str, broken))
     assert not summary.parent.exists()
 
@@ -265,16 +265,33 @@ def test_the_prepare_stage_passes_real_images_and_stops_on_a_damaged_one(
     for name in ("bottle", "grid"):  # grid's images are grayscale in MVTec AD
         shutil.copytree(real_data / "mvtec_ad_mini" / name, root / name)
     config = load_config(params(tmp_path / "params.yaml", root))
-    prepared = prepare_dataset(config, root)
+    prepared = prepare_dataset(config, [root])
     assert list(prepared.summary["image_sizes"]) == ["256x256", "256x256"]
     damaged = _truncated(root / "grid" / "train" / "good" / "003.png")
     with pytest.raises(DatasetError, match=re.escape(f"{damaged}: not a readable image")):
-        prepare_dataset(config, root)
+        prepare_dataset(config, [root])
 
 
-@pytest.mark.parametrize("params_file", ["params.yaml", "configs/mvtec_folder.yaml"])
-def test_every_training_stage_depends_on_an_output_of_the_prepare_stage(params_file) -> None:
-    stages = render_pipeline(REPO, PipelinePaths(params=params_file))["stages"]
+def _real_data_pipeline(repo: Path) -> PipelinePaths:
+    """A pipeline of a user's folder (`data.generate: false`) in a copy of the repo's params."""
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    paths = PipelinePaths.for_dataset("mine")
+    (repo / paths.params).parent.mkdir(parents=True)
+    (repo / paths.params).write_text(
+        "extends: ../../params.yaml\ndata: {dataset: mine, root: /data/mine, generate: false}\n",
+        encoding="utf-8",
+    )
+    return paths
+
+
+@pytest.mark.parametrize("generate", [True, False], ids=["generated", "real data"])
+def test_every_training_stage_depends_on_an_output_of_the_prepare_stage(
+    generate, tmp_path
+) -> None:
+    repo, paths = (
+        (REPO, PipelinePaths()) if generate else (tmp_path, _real_data_pipeline(tmp_path))
+    )
+    stages = render_pipeline(repo, paths)["stages"]
     prepared = {next(iter(o)) if isinstance(o, dict) else o for o in stages["prepare"]["outs"]}
     assert prepared & set(stages["train"]["do"]["deps"])
 
@@ -356,7 +373,7 @@ def test_odd_but_valid_data_trains_evaluates_and_predicts(params, cli, tmp_path)
     gray = [result.scores[index[odd[k]]] for k in ("gray", "gray_rgb", "gray_16bit")]
     assert gray[0] == gray[1] == gray[2]  # gray and 16-bit files read as the same RGB image
     size = load_config(params_file).data.image_size
-    assert result.maps.shape[1:] == (size, size) == (32, 32)
+    assert result.fused.shape[1:] == (size, size) == (32, 32)
     # the 240 px mask's top-left quarter at 32 px: 16 x 16 pixels
     assert result.masks[index[odd["big"]]].sum() == 16 * 16
     # defective rows 0..12 and columns 0..11 of 24 cover rows 0..16 and columns 0..15 at 32 px
@@ -379,12 +396,16 @@ def test_odd_but_valid_data_trains_evaluates_and_predicts(params, cli, tmp_path)
 # Bad params: the file and the full key path, and nothing trained
 
 
-def _misspell_epochs(raw: dict[str, Any]) -> None:
-    raw["train"]["epoch"] = raw["train"].pop("epochs")
+def _misspell_steps(raw: dict[str, Any]) -> None:
+    raw["train"]["step"] = raw["train"].pop("steps")
 
 
-def _negative_epochs(raw: dict[str, Any]) -> None:
-    raw["train"]["epochs"] = -3
+def _negative_steps(raw: dict[str, Any]) -> None:
+    raw["train"]["steps"] = -3
+
+
+def _unknown_memory_mode(raw: dict[str, Any]) -> None:
+    raw["model"]["memory"]["mode"] = "gate"
 
 
 def _unchanged(raw: dict[str, Any]) -> None:
@@ -394,11 +415,16 @@ def _unchanged(raw: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("edit", "variant", "expected"),
     [
-        (_misspell_epochs, "mddnet", "train.epoch: unknown key (expected one of: epochs, batch"),
-        (_negative_epochs, "mddnet", "train.epochs: must be >= 1, got -3"),
+        (_misspell_steps, "mddnet", "train.step: unknown key (expected one of: steps, batch"),
+        (_negative_steps, "mddnet", "train.steps: must be >= 1, got -3"),
+        (
+            _unknown_memory_mode,
+            "mddnet",
+            "model.memory.mode: must be one of replace | mix | gated, got 'gate'",
+        ),
         (_unchanged, "mdd_net", "unknown variant 'mdd_net' (valid variants: rd_baseline, "),
     ],
-    ids=["misspelled key", "negative epoch count", "unknown variant"],
+    ids=["misspelled key", "negative step count", "unknown option", "unknown variant"],
 )
 def test_bad_params_name_the_file_and_key_and_train_nothing(
     edit, variant, expected, params, cli, files_under, tmp_path
@@ -544,6 +570,17 @@ def test_a_truncated_checkpoint_is_refused_naming_it(cli, evaluation, tmp_path) 
     for message in _refused_by_evaluate_and_predict(cli, checkpoint, evaluation, tmp_path):
         assert message.startswith(f"{checkpoint}: not a loadable mddnet checkpoint")
         assert message.endswith("retrain or pass the right file.")
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_checkpoint_without_calibration(cli, evaluation, tmp_path) -> None:
+    """A complete checkpoint from before calibration existed: evaluate's default scoring needs
+    none, but predict's verdicts need the thresholds."""
+    checkpoint = _untrained_checkpoint(tmp_path / "old.pt", evaluation.params)
+    predicted = tmp_path / "predicted"
+    message = cli("predict", checkpoint, evaluation.data, "--out", predicted).error("predict")
+    assert message == "this checkpoint has no calibration (written before mddnet 0.2): retrain it"
+    assert not predicted.exists()
 
 
 def test_pickled_code_in_a_checkpoint_is_refused_and_never_runs(cli, evaluation, tmp_path) -> None:

@@ -30,7 +30,7 @@ from mddnet.data.prepare import prepare_dataset
 
 params, out = sys.argv[1], sys.argv[2]
 config = load_config(params)
-prepare_dataset(config, config.data.root_path())
+prepare_dataset(config, config.data.root_paths())
 sys.exit(
     main(["train", "--params", params, "--variant", "mddnet", "--out", f"{out}/mddnet.pt"])
     or main(["evaluate", "--params", params, "--variant", "mddnet",
@@ -73,8 +73,9 @@ def test_the_same_seed_gives_byte_identical_metrics_json_across_processes(
         assert torch.equal(tensor, two["state_dict"][name]), name
     losses = [(f / "out" / "mddnet.losses.csv").read_bytes() for f in (first, second)]
     assert losses[0] == losses[1]
-    assert len(losses[0].splitlines()) == 1 + 4  # header + 16 images / batch 4, one epoch
+    assert len(losses[0].splitlines()) == 1 + 4  # header + train.steps 4
+    assert one["calibration"] == two["calibration"]  # thresholds and choices too
     metrics = [(f / "out" / "mddnet.json").read_bytes() for f in (first, second)]
     assert metrics[0] == metrics[1]
-    maps = [load_predictions(f / "out" / "mddnet.npz").maps for f in (first, second)]
+    maps = [load_predictions(f / "out" / "mddnet.npz").fused for f in (first, second)]
     assert maps[0].tobytes() == maps[1].tobytes()

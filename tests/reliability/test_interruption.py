@@ -28,7 +28,7 @@ from mddnet.pipeline import PipelinePaths, render_pipeline
 from mddnet.train import resume_path
 
 REPO = Path(__file__).resolve().parents[2]
-EPOCHS, STEPS_PER_EPOCH = 2, 4  # 16 training images in batches of 4
+STEPS, STEPS_PER_EPOCH = 8, 4  # 16 training images in batches of 4: two epochs
 KILL_AT_STEP = 3  # inside the first epoch; the resumed run crosses the epoch and the lr step
 TIMEOUT_S = 300  # generous: CI machines are slow and shared
 # The training runs use one thread each: resuming does not depend on the thread count (all runs
@@ -90,8 +90,8 @@ def _evaluate(params_file: Path, checkpoint: Path, metrics: Path) -> bytes:
 def test_training_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(
     benchmark_root, params, tmp_path
 ) -> None:
-    # lr_step_at 0.5: the learning-rate step falls in the second epoch, after the kill
-    overrides = {"train": {"epochs": EPOCHS, "lr_step_at": 0.5}}
+    # lr_step_at 0.5: the learning-rate step (at step ceil(0.5 x 8) = 4) falls after the kill
+    overrides = {"train": {"steps": STEPS, "lr_step_at": 0.5}}
     params_file = params(tmp_path / "params.yaml", benchmark_root, overrides)
     reference, checkpoint = tmp_path / "reference" / "mddnet.pt", tmp_path / "run" / "mddnet.pt"
     logs = {name: tmp_path / f"{name}.log" for name in ("reference", "killed", "rerun")}
@@ -105,11 +105,12 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(
 
     assert _train(params_file, checkpoint, logs["rerun"]).returncode == 0
     rerun = logs["rerun"].read_text()
-    assert f"resuming {checkpoint} from step {step} of {EPOCHS * STEPS_PER_EPOCH}" in rerun
+    assert f"resuming from step {step} of {STEPS}" in rerun
     assert not resume_path(checkpoint).exists()
 
     resumed, expected = load_checkpoint(checkpoint), load_checkpoint(reference)
-    assert resumed["step"] == expected["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert resumed["step"] == expected["step"] == STEPS
+    assert resumed["calibration"] == expected["calibration"]
     assert resumed["state_dict"].keys() == expected["state_dict"].keys()
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], tensor), name
@@ -184,9 +185,10 @@ def test_dvc_keeps_the_resume_file_when_it_reruns_a_training_stage() -> None:
     stages = render_pipeline(REPO, PipelinePaths())["stages"]
     train = stages["train"]
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in train["do"]["outs"]]
-    for item in train["foreach"]:
-        declared = [Path(o.replace("${item}", item)) for o in outs]
-        checkpoint = Path(f"{PipelinePaths().checkpoints}/{item}.pt")
+    assert train["foreach"]
+    for run in train["foreach"]:
+        declared = [Path(o.replace("${key}", run)) for o in outs]
+        checkpoint = Path(PipelinePaths().checkpoint(run))
         assert checkpoint in declared
         resume = resume_path(checkpoint)
-        assert all(resume != o and o not in resume.parents for o in declared), (item, declared)
+        assert all(resume != o and o not in resume.parents for o in declared), (run, declared)

@@ -13,19 +13,13 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from mddnet.config import load_config
+from mddnet.config import load_params
 from mddnet.data.prepare import prepare_dataset
-from mddnet.evaluate import evaluate_checkpoint, load_predictions, save_predictions
-from mddnet.io import read_json, write_json
-from mddnet.plots import loss_curves, qualitative_grid, roc_pr_curves, save_figure
-from mddnet.report import (
-    ablation_table,
-    load_reference,
-    main_table,
-    paper_vs_reproduced,
-    variant_labels,
-    write_table,
-)
+from mddnet.evaluate import evaluate_checkpoint, save_predictions
+from mddnet.io import write_json
+from mddnet.plots import pipeline_figures
+from mddnet.reference import reference_metrics
+from mddnet.report import ablation_results, main_results
 from mddnet.train import fit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,41 +50,55 @@ def test_the_refusal_works(refused) -> None:
     assert len(refused) == 1
 
 
+# One trained variant stands for all: the tables and figures list only it.
+ONLY_MDDNET = {
+    "report": {
+        "main_variant": "mddnet",
+        "chain": ["mddnet"],
+        "ablation": ["mddnet"],
+        "scoring": ["mddnet"],
+        "reproduced": ["mddnet"],
+    },
+    "figures": {"compare": ["mddnet"], "formats": ["png"], "dpi": 40},
+}
+
+
 @pytest.mark.slow
 def test_every_pipeline_stage_runs_without_the_network(refused, params, tmp_path) -> None:
-    params_file = params(tmp_path / "params.yaml", tmp_path / "benchmark", generate=True)
-    config = load_config(params_file, "mddnet")
-    root, out = config.data.root_path(), tmp_path / "out"
+    params_file = params(
+        tmp_path / "params.yaml", tmp_path / "benchmark", ONLY_MDDNET, generate=True
+    )
+    loaded = load_params(params_file)
+    base, config = loaded.config(), loaded.config("mddnet")
+    roots, out = list(config.data.root_paths()), tmp_path / "out"
+    folders = {name: out / name for name in ("metrics", "losses", "predictions", "checkpoints")}
 
     # prepare: generate the benchmark, decode and validate every file
-    prepared = prepare_dataset(config, root, out / "summary.csv")
+    prepared = prepare_dataset(base, roots, out / "summary.csv")
     assert list(prepared.summary["class"]) == ["brick", "washer"]
     # train: the teacher's ImageNet weights come from the pip package
-    trained = fit(config, out / "mddnet.pt", progress=False)
+    checkpoint = folders["checkpoints"] / f"{config.run}.pt"
+    trained = fit(
+        config, checkpoint, losses_csv=folders["losses"] / f"{config.run}.csv", progress=False
+    )
     assert trained.steps == 4 and trained.checkpoint.is_file()
     # evaluate
-    run = evaluate_checkpoint(config, trained.checkpoint, root, progress=False)
-    save_predictions(out / "mddnet.npz", run.predictions)
-    write_json(out / "mddnet.json", run.metrics)
-    metrics = {"mddnet": read_json(out / "mddnet.json")}
+    run = evaluate_checkpoint(config, checkpoint, roots, progress=False)
+    save_predictions(folders["predictions"] / f"{config.run}.npz", run.predictions)
+    write_json(folders["metrics"] / f"{config.run}.json", run.metrics)
+    # the training-free reference row (its teacher comes from the pip package too)
+    write_json(folders["metrics"] / "reference.json", reference_metrics(base, roots))
     # main_results and ablations: the tables, with the published reference rows
-    labels = variant_labels(config.variants, ["mddnet"])
-    write_table(main_table(metrics["mddnet"]), out / "main", "main", 1)
-    reference = load_reference(REPO / config.report.reference)
-    comparison = paper_vs_reproduced(reference, metrics, config.report.reference_dataset, False)
-    write_table(comparison, out / "paper_vs_reproduced", "comparison", 1)
-    write_table(ablation_table(metrics, labels), out / "ablation", "ablation", 1)
+    reference_csv = REPO / base.report.reference
+    main = main_results(
+        base, loaded, folders["metrics"], out / "tables", out / "summary", reference_csv
+    )
+    ablation = ablation_results(base, loaded, folders["metrics"], out / "tables")
     # figures
-    predictions = load_predictions(out / "mddnet.npz")
-    figures = {
-        "qualitative": qualitative_grid(predictions, 1, config.data.image_size),
-        "losses": loss_curves({"mddnet": trained.losses_csv}),
-        "roc_pr": roc_pr_curves({"mddnet": predictions}),
-    }
-    for name, figure in figures.items():
-        save_figure(figure, out / name, ["png"], 40)
+    figures = pipeline_figures(base, loaded, folders, out / "figures")
 
     assert refused == [], f"the pipeline tried to reach the network: {refused}"
-    written = sorted(p.name for p in out.iterdir())
-    for name in ("main.md", "paper_vs_reproduced.tex", "ablation.csv", "roc_pr.png"):
-        assert name in written
+    for table in (main.main, main.paper_vs_reproduced, ablation.ablation, ablation.scoring):
+        assert table.csv.is_file() and table.markdown.is_file()
+    assert {"qualitative", "losses", "roc_pr", "prototypes"} <= set(figures)
+    assert all(path.is_file() for path in figures.values())

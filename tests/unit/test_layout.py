@@ -17,6 +17,7 @@ from mddnet.data.layout import (
     load_image,
     load_mask,
     scan_dataset,
+    split_holdout,
     summarize,
     validate_dataset,
 )
@@ -131,6 +132,98 @@ def test_root_without_class_folders_is_an_error(tmp_path: Path) -> None:
 def test_a_class_folder_passed_as_root_points_to_its_parent(root: Path) -> None:
     err = _error(root / "bottle")
     assert "looks like a single class folder" in str(err) and f"pass its parent {root}" in str(err)
+
+
+# --- several roots read as one dataset -----------------------------------------------------------
+
+
+@pytest.fixture
+def other_root(tmp_path: Path) -> Path:
+    other = tmp_path / "other"
+    _make_class(other, "cable", train=2, good=1, defects={"bent": 1})
+    return other
+
+
+def test_several_roots_are_read_as_one_dataset(root: Path, other_root: Path) -> None:
+    samples = scan_dataset([root, other_root])
+    assert [s.class_name for s in samples] == ["bottle"] * 8 + ["cable"] * 4 + ["wood"] * 4
+    assert samples == sorted(
+        scan_dataset(root) + scan_dataset(other_root),
+        key=lambda s: (s.class_name, s.split, s.defect_type, s.image_path.name),
+    )
+    cable = [s for s in samples if s.class_name == "cable"]
+    assert all(other_root in s.image_path.parents for s in cable)
+    # classes may be picked from any root; a list of one root is that root
+    picked = scan_dataset([str(root), other_root], ["wood", "cable"])
+    assert sorted({s.class_name for s in picked}) == ["cable", "wood"]
+    assert scan_dataset([root]) == scan_dataset(root)
+
+
+def test_a_class_in_two_roots_is_refused(root: Path, tmp_path: Path) -> None:
+    twin = tmp_path / "twin"
+    _make_class(twin, "bottle")
+    with pytest.raises(DatasetError) as err:
+        scan_dataset([root, twin])
+    assert str(err.value).startswith(f"class 'bottle' is in two dataset roots, {root} and {twin}")
+    assert "rename a folder or drop a root" in str(err.value)
+
+
+def test_an_unknown_class_over_several_roots_lists_them_all(root: Path, other_root) -> None:
+    with pytest.raises(DatasetError) as err:
+        scan_dataset([root, other_root], ["cable", "screw"])
+    message = str(err.value)
+    assert "no class folder 'screw'" in message
+    assert "(available: bottle, cable, wood); fix data.classes" in message
+
+
+# --- held-out normals ---------------------------------------------------------------------------
+
+
+def _train_samples(tmp_path: Path, counts: dict[str, int]) -> list[Sample]:
+    root = tmp_path / "holdout"
+    for name, count in counts.items():
+        _make_class(root, name, train=count, good=1, defects={})
+    return [s for s in scan_dataset(root) if s.split == "train"]
+
+
+def _names(samples: list[Sample]) -> list[str]:
+    return [f"{s.class_name}/{s.image_path.stem}" for s in samples]
+
+
+def test_split_holdout_keeps_a_fraction_of_each_class_out(tmp_path: Path) -> None:
+    samples = _train_samples(tmp_path, {"alpha": 10, "beta": 5, "gamma": 1})
+    kept, held = split_holdout(samples, 0.2)
+    # ceil(0.2 x 10) = 2 of alpha, evenly spaced from the last name: 009 and 000; ceil(1.0) = 1
+    # of beta, its last; gamma's only image is never held out
+    assert _names(held) == ["alpha/000", "alpha/009", "beta/004"]
+    assert len(kept) == 16 - 3 and not set(_names(kept)) & set(_names(held))
+    assert "gamma/000" in _names(kept)
+    # ceil(0.25 x 10) = 3: indices 9, 4.5 -> 4, 0
+    _, held = split_holdout(samples, 0.25)
+    assert [n for n in _names(held) if n.startswith("alpha")] == [
+        "alpha/000",
+        "alpha/004",
+        "alpha/009",
+    ]
+
+
+def test_split_holdout_never_takes_a_class_whole_and_zero_takes_none(tmp_path: Path) -> None:
+    samples = _train_samples(tmp_path, {"alpha": 2, "beta": 3})
+    kept, held = split_holdout(samples, 0.9)
+    # alpha: min(2 - 1, ceil(1.8)) = 1, its last; beta: min(3 - 1, ceil(2.7)) = 2, the ends
+    assert _names(held) == ["alpha/001", "beta/000", "beta/002"]
+    assert _names(kept) == ["alpha/000", "beta/001"]  # each class keeps one
+    kept, held = split_holdout(samples, 0.0)
+    assert held == [] and kept == samples
+    kept, held = split_holdout(samples, 0.01)  # any fraction > 0 holds out one per class
+    assert _names(held) == ["alpha/001", "beta/002"]
+
+
+def test_split_holdout_is_the_same_for_every_call_and_input_order(tmp_path: Path) -> None:
+    samples = _train_samples(tmp_path, {"alpha": 7, "beta": 4})
+    first = split_holdout(samples, 0.3)
+    shuffled = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
+    assert split_holdout(shuffled, 0.3) == first == split_holdout(samples, 0.3)
 
 
 def test_class_without_train_good_images_is_an_error_naming_the_folder(root: Path) -> None:

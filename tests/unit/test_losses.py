@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from mddnet.config import LossWeights
-from mddnet.losses import compute_losses, discrepancy_loss, feature_cosine_loss, resize_mask
+from mddnet.losses import (
+    DiscrepancyOptions,
+    compute_losses,
+    discrepancy_loss,
+    discrepancy_target,
+    feature_cosine_loss,
+    resize_mask,
+)
+from mddnet.models.decoder import Decoder
 from mddnet.models.mddnet import MDDNetOutput
 
 
@@ -68,11 +76,6 @@ def test_pixel_cosine_averages_over_positions_and_sums_over_scales() -> None:
     assert float(loss) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_unknown_cosine_mode_is_rejected_with_the_key() -> None:
-    with pytest.raises(ValueError, match="train.cosine"):
-        feature_cosine_loss(_features(0), _features(1), "l2")
-
-
 def test_mask_is_resized_by_area_to_anomalous_fractions() -> None:
     mask = torch.zeros(1, 1, 4, 4)
     mask[0, 0, 0, 2:] = 1  # 2 pixels in the top-right 2x2 cell
@@ -126,8 +129,82 @@ def test_balanced_discrepancy_without_anomalies_is_the_plain_mean() -> None:
     plain = discrepancy_loss(restoration, identity, mask, reduction="mean")
     assert float(plain) == pytest.approx(0.5)  # errors 1 and 0
     assert float(discrepancy_loss(restoration, identity, mask, reduction="balanced")) == 0.5
-    with pytest.raises(ValueError, match="discrepancy_reduction: mean or balanced"):
-        discrepancy_loss(restoration, identity, mask, reduction="sum")
+
+
+# The `teacher` target on one 2x2 scale. Mask 4x4: the top-right 2x2 block anomalous, two pixels
+# of the bottom-left block and one of the bottom-right: area fractions [[0, 1], [0.5, 0.25]].
+# T(x_n) = (1, 0) everywhere; T(x_a) = (0, 1), (-1, 0), (0, 1), (1, 1), so the teacher's own
+# discrepancy 1 - cos is 1, 2 (clamped to 1), 1, 1 - 1/sqrt(2) = 0.2928932.
+# Target = mask x (1 - cos) = [[0, 1], [0.5, 0.0732233]]: M (the `mask` target) where the teacher
+# sees a full change, less where the anomaly changed the features only a little.
+def _teacher_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, 2:] = 1
+    mask[0, 0, 2:, 0] = 1
+    mask[0, 0, 3, 3] = 1
+    normal = _map((1, 0), (1, 0), (1, 0), (1, 0), h=2, w=2)
+    anomalous = _map((0, 1), (-1, 0), (0, 1), (1, 1), h=2, w=2)
+    return mask, normal, anomalous
+
+
+def test_teacher_target_is_the_mask_times_the_teachers_own_discrepancy() -> None:
+    mask, normal, anomalous = _teacher_case()
+    m = 1 - 1 / math.sqrt(2)
+    expected = torch.tensor([[[0.0, 1.0], [0.5, 0.25 * m]]])
+    assert 0.25 * m == pytest.approx(0.0732233, abs=1e-7)
+    target = discrepancy_target(mask, (2, 2), normal, anomalous)
+    torch.testing.assert_close(target, expected, atol=1e-6, rtol=0)
+    # without the teacher pair the target is the mask's area fraction (the `mask` target)
+    assert discrepancy_target(mask, (2, 2), None, None).tolist() == [[[0.0, 1.0], [0.5, 0.25]]]
+
+
+def test_discrepancy_loss_with_the_teacher_target_equals_hand_computation() -> None:
+    # D_R, D_I as in the 2x2 case above: M_RI = 0, 1, 0, m with m = 1 - 1/sqrt(2).
+    # Targets 0, 1, 0.5, 0.25 m: errors 0, 0, 0.5, 0.75 m; mean = (0.5 + 0.75 m) / 4 = 0.1799175
+    mask, normal, anomalous = _teacher_case()
+    restoration = [_map((1, 0), (1, 0), (0, 1), (1, 1), h=2, w=2)]
+    identity = [_map((1, 0), (0, 1), (0, 1), (1, 0), h=2, w=2)]
+    m = 1 - 1 / math.sqrt(2)
+    expected = (0.5 + 0.75 * m) / 4
+    assert expected == pytest.approx(0.1799175, abs=1e-7)
+    loss = discrepancy_loss(restoration, identity, mask, "mean", ([normal], [anomalous]))
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    # the options read T(x_n) from the caller and T(x_a) from the model's output
+    output = MDDNetOutput([anomalous], restoration, identity, None, None)
+    teacher = DiscrepancyOptions(reduction="mean", target="teacher")
+    assert float(teacher.loss(output, [normal], mask)) == pytest.approx(expected, abs=1e-6)
+    plain = float(DiscrepancyOptions(reduction="mean", target="mask").loss(output, [normal], mask))
+    assert plain == pytest.approx(float(discrepancy_loss(restoration, identity, mask)))
+    assert plain != pytest.approx(expected)
+
+
+def _decoded(gradient: str) -> tuple[Decoder, Decoder, torch.Tensor]:
+    """L_dist alone, backpropagated through two real decoders that read the same z."""
+    torch.manual_seed(0)
+    restoration_decoder, identity_decoder = Decoder(8, (4, 6)), Decoder(8, (4, 6))
+    z = torch.randn(2, 8, 2, 2, requires_grad=True)
+    teacher = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    output = MDDNetOutput(teacher, restoration_decoder(z), identity_decoder(z), None, None)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    weights = LossWeights(restoration=0.0, identity=0.0, discrepancy=1.0, memory=0.0)
+    options = DiscrepancyOptions(reduction="balanced", gradient=gradient)
+    terms = compute_losses(output, teacher, mask, CLASS_IDS, weights, "flatten", options)
+    terms.total.backward()
+    return restoration_decoder, identity_decoder, terms.discrepancy.detach()
+
+
+def _gradient_sum(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_identity_gradient_keeps_the_discrepancy_loss_out_of_the_restoration_decoder() -> None:
+    restoration, identity, identity_loss = _decoded("identity")
+    assert _gradient_sum(restoration) == 0.0  # exactly: D_R's maps were detached
+    assert _gradient_sum(identity) > 0
+    restoration, identity, both_loss = _decoded("both")
+    assert _gradient_sum(restoration) > 0 and _gradient_sum(identity) > 0
+    assert float(identity_loss) == float(both_loss)  # the value is the same, only the gradient
 
 
 def test_discrepancy_loss_rejects_a_mask_without_channel_axis() -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mddnet.models.memory import ClassAwareMemory
+from mddnet.models.memory import ClassAwareMemory, MemoryUsage, kmeans
 
 
 def _memory(prototypes: list, temperature: float = 0.1, mode: str = "replace") -> ClassAwareMemory:
@@ -118,6 +118,97 @@ def test_bad_class_ids_are_rejected(class_ids: torch.Tensor, message: str) -> No
         memory(torch.zeros(2, 4, 1, 1), class_ids)
 
 
-def test_unknown_mode_names_the_param() -> None:
-    with pytest.raises(ValueError, match="model.memory.mode"):
-        ClassAwareMemory(2, 2, 4, 0.1, "add")
+def test_attention_is_returned_per_position_over_the_read_class_prototypes() -> None:
+    # The hand case above: attention softmax([2, 0]) at the one position.
+    memory = _memory([[[3.0, 0.0], [0.0, 5.0]]], temperature=0.5)
+    read = memory(_positions((1.0, 0.0)), torch.tensor([0]))
+    w = math.exp(2) / (math.exp(2) + 1)
+    assert read.attention.shape == (1, 1, 2)
+    assert read.attention.flatten().tolist() == pytest.approx([w, 1 - w], abs=1e-6)
+
+
+def test_only_the_gated_mode_has_a_gate() -> None:
+    assert ClassAwareMemory(2, 3, 4, 0.1, "replace").gate is None
+    assert ClassAwareMemory(2, 3, 4, 0.1, "mix").gate is None
+    gate = ClassAwareMemory(2, 3, 4, 0.1, "gated").gate
+    assert (gate.in_channels, gate.out_channels, gate.kernel_size) == (8, 1, (1, 1))
+
+
+def test_gated_output_lies_between_z_and_the_read_out() -> None:
+    prototypes = [
+        [[2.0, -1.0, 0.5, 3.0], [-2.0, 1.0, 1.0, 0.0]],
+        [[1.0] * 4, [0.0, 1.0, 0.0, 1.0]],
+    ]
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    class_ids = torch.tensor([0, 1])
+    read = _memory(prototypes, mode="replace")(z, class_ids).readout  # the read-out itself
+    gated = _memory(prototypes, mode="gated")
+    # A zero gate conv gives g = sigmoid(0) = 1/2 everywhere: exactly the midpoint.
+    with torch.no_grad():
+        gated.gate.weight.zero_()
+        gated.gate.bias.zero_()
+    torch.testing.assert_close(gated(z, class_ids).readout, (z + read) / 2)
+    # Any gate is in (0, 1): each value lies strictly between z's and the read-out's.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        gated.gate.weight.normal_(0, 0.3)
+        gated.gate.bias.fill_(0.2)
+    out = gated(z, class_ids).readout
+    low, high = torch.minimum(z, read), torch.maximum(z, read)
+    assert ((out > low) & (out < high)).all()
+    g = (out - z) / (read - z)  # (B, D, h, w): one gate per position, shared by the channels
+    torch.testing.assert_close(g, g[:, :1].expand_as(g), atol=1e-5, rtol=1e-4)
+    assert g.std() > 0.01  # the gate differs between positions
+
+
+def test_kmeans_finds_the_centres_of_two_separated_clusters() -> None:
+    g = torch.Generator().manual_seed(0)
+    near = torch.randn(30, 2, generator=g) * 0.5  # around (0, 0)
+    far = torch.randn(20, 2, generator=g) * 0.5 + torch.tensor([10.0, -10.0])
+    points = torch.cat([near, far])[torch.randperm(50, generator=g)]
+    for seed in range(3):
+        centroids = kmeans(points, 2, torch.Generator().manual_seed(seed))
+        found = centroids[centroids[:, 0].argsort()]
+        # Lloyd's fixed point: each centroid is exactly its cluster's mean
+        torch.testing.assert_close(found, torch.stack([near.mean(0), far.mean(0)]))
+
+
+def test_kmeans_with_fewer_points_than_k_starts_every_centroid_on_a_point() -> None:
+    points = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    centroids = kmeans(points, 5, torch.Generator().manual_seed(0))
+    assert centroids.shape == (5, 2)
+    assert all(any(torch.equal(c, p) for p in points) for c in centroids)
+
+
+def test_initialise_sets_each_class_prototypes_to_its_kmeans_centroids() -> None:
+    memory = ClassAwareMemory(2, 2, 2, 0.1, "replace")
+    first = torch.tensor([[0.0, 0.0], [0.0, 2.0], [5.0, 5.0], [5.0, 7.0]])  # centres (0,1) (5,6)
+    second = torch.tensor([[-4.0, 0.0], [-6.0, 0.0], [3.0, 1.0], [3.0, 3.0]])  # (-5,0) (3,2)
+    memory.initialise([first, second], torch.Generator().manual_seed(0))
+    found = [p[p[:, 0].argsort()] for p in memory.prototypes.detach()]
+    torch.testing.assert_close(found[0], torch.tensor([[0.0, 1.0], [5.0, 6.0]]))
+    torch.testing.assert_close(found[1], torch.tensor([[-5.0, 0.0], [3.0, 2.0]]))
+    assert memory.prototypes.requires_grad  # still a trained parameter
+
+
+def test_usage_entropy_is_one_for_uniform_and_zero_for_one_hot_attention() -> None:
+    class_ids = torch.tensor([0, 1])
+    uniform = ClassAwareMemory.usage(torch.full((2, 3, 4), 0.25), class_ids)
+    assert isinstance(uniform, MemoryUsage)
+    assert uniform.entropy == pytest.approx(1.0, abs=1e-6)
+    assert uniform.used == pytest.approx(0.25)  # ties: every position is won by prototype 0
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1], [2, 2, 2]]), 4).float()
+    assert ClassAwareMemory.usage(one_hot, class_ids).entropy == 0.0
+    # two prototypes at 1/2 each: log 2 / log 4
+    half = torch.tensor([[[0.5, 0.5, 0.0, 0.0]]])
+    assert ClassAwareMemory.usage(half, torch.tensor([0])).entropy == pytest.approx(0.5)
+
+
+def test_usage_counts_the_prototypes_each_class_uses_over_its_images() -> None:
+    # Images 0 and 1 (class 0) win prototypes {0, 1} and {1, 2}: 3 of 4 used. Image 2 (class 1)
+    # wins {3}: 1 of 4. Mean over the classes in the batch: (3/4 + 1/4) / 2 = 1/2.
+    winners = torch.tensor([[0, 1], [1, 2], [3, 3]])  # (B, N)
+    attention = torch.nn.functional.one_hot(winners, 4).float() * 0.7 + 0.075  # argmax kept
+    usage = ClassAwareMemory.usage(attention, torch.tensor([0, 0, 1]))
+    assert usage.used == pytest.approx(0.5)
+    assert 0 < usage.entropy < 1

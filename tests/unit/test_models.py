@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mddnet.config import LossWeights, MemoryConfig, ModelConfig, load_config
+from mddnet.errors import MddnetError
 from mddnet.losses import compute_losses
 from mddnet.models import Bottleneck, Decoder, MDDNet, build_model
 
@@ -149,6 +150,7 @@ def test_each_ablation_drops_exactly_its_module(
     output = ablated.eval()(images, class_ids)
     assert (output.identity is None) == (not identity_decoder)
     assert (output.memory_logits is None) == (output.class_ids is None) == (not memory_enabled)
+    assert (output.attention is None) == (not memory_enabled)
 
 
 def test_restoration_reads_the_memory_and_identity_reads_z(params_path: Path) -> None:
@@ -226,7 +228,7 @@ def test_gradients_are_bit_identical_on_every_repeat_at_training_size(params_pat
 
 
 def test_non_consecutive_stages_are_rejected_naming_the_param(params_path: Path) -> None:
-    with pytest.raises(ValueError, match="model.stages"):
+    with pytest.raises(MddnetError, match="model.stages"):
         build_model(_config(params_path, stages=(1, 3)), NUM_CLASSES)
 
 
@@ -243,7 +245,86 @@ def test_unpretrained_build_does_not_need_the_weight_source(
 
 
 def test_memory_params_reach_the_module(params_path: Path) -> None:
-    memory = MemoryConfig(enabled=True, prototypes=7, temperature=0.05, mode="mix")
+    memory = MemoryConfig(
+        enabled=True, prototypes=7, temperature=0.05, mode="gated", init="kmeans", init_step=3
+    )
     model = _build(_config(params_path, memory=memory))
     assert tuple(model.memory.prototypes.shape) == (NUM_CLASSES, 7, 224)
-    assert (model.memory.temperature, model.memory.mode) == (0.05, "mix")
+    assert (model.memory.temperature, model.memory.mode) == (0.05, "gated")
+    assert model.memory.gate is not None
+
+
+def test_output_carries_the_memory_attention(params_path: Path) -> None:
+    model = _build(_config(params_path)).eval()
+    images, _, class_ids = _batch(0, batch=2)
+    attention = model(images, class_ids).attention
+    assert attention.shape == (2, 2 * 2, 4)  # (B, h*w of z, K)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4))
+
+
+CHANNELS = (8, 12, 16)
+
+
+def _decoders(skips_zeroed: bool = False) -> tuple[Decoder, Decoder]:
+    """A plain decoder and one with teacher skips whose blocks have the same weights."""
+    torch.manual_seed(0)
+    plain = Decoder(32, CHANNELS).eval()
+    torch.manual_seed(0)
+    skipped = Decoder(32, CHANNELS, skips=True).eval()
+    if skips_zeroed:
+        with torch.no_grad():
+            for projection in skipped.skips:
+                projection.weight.zero_()
+                projection.bias.zero_()
+    return plain, skipped
+
+
+def _decoder_inputs() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 32, 2, 2, generator=g)
+    teacher = [
+        torch.randn(2, c, s, s, generator=g) for c, s in zip(CHANNELS, (16, 8, 4), strict=True)
+    ]
+    return z, teacher
+
+
+def test_a_decoder_without_skips_ignores_the_teacher() -> None:
+    plain, _ = _decoders()
+    assert plain.skips is None
+    z, teacher = _decoder_inputs()
+    for alone, given in zip(plain(z), plain(z, teacher), strict=True):
+        assert torch.equal(alone, given)
+
+
+def test_skips_add_a_projection_of_the_teacher_at_each_scale() -> None:
+    plain, skipped = _decoders()
+    z, teacher = _decoder_inputs()
+    expected, got = plain(z), skipped(z, teacher)
+    assert [f.shape for f in got] == [f.shape for f in expected]
+    # The deepest block reads z alone: its output is the plain one plus the 1x1 projection.
+    deepest = skipped.skips[0]
+    torch.testing.assert_close(got[-1], expected[-1] + deepest(teacher[-1]))
+    # The shallower blocks read what the skips changed, so every scale differs.
+    assert all(not torch.allclose(a, b) for a, b in zip(got, expected, strict=True))
+    # With the projections at zero, the skip decoder is the plain one.
+    plain, zeroed = _decoders(skips_zeroed=True)
+    for a, b in zip(zeroed(z, teacher), plain(z), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_decoder_with_skips_needs_the_teacher_maps() -> None:
+    _, skipped = _decoders()
+    z, _ = _decoder_inputs()
+    with pytest.raises(ValueError, match="teacher skips: pass the teacher's maps"):
+        skipped(z)
+
+
+def test_identity_skips_reach_the_identity_decoder_only(params_path: Path) -> None:
+    model = _build(_config(params_path, identity_skips=True)).eval()
+    assert model.identity_decoder.skips is not None and model.restoration_decoder.skips is None
+    images, _, class_ids = _batch(0, batch=2)
+    output = model(images, class_ids)
+    assert [f.shape for f in output.identity] == [f.shape for f in output.teacher]
+    plain = _build(_config(params_path, identity_skips=False)).eval()
+    skip_parameters = sum(p.numel() for p in model.identity_decoder.skips.parameters())
+    assert _count(model) - _count(plain) == skip_parameters == 24 * 25 + 40 * 41 + 112 * 113

@@ -9,12 +9,15 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.collections import QuadMesh
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from PIL import Image
 
+from mddnet.data.layout import scan_dataset
 from mddnet.plots import (
+    ABLATION_METRICS,
     ablation_chart,
+    dataset_samples,
     loss_curves,
     per_class_bars,
     prototype_projection,
@@ -22,7 +25,7 @@ from mddnet.plots import (
     roc_pr_curves,
     save_figure,
 )
-from mddnet.report import METRICS, ablation_table
+from mddnet.report import METRICS, REFERENCE_RUN, ablation_table, main_table, summarise
 
 SIZE = 16  # map side, also the panel side of the qualitative grid
 
@@ -64,18 +67,23 @@ def fake_predictions(root: Path, restoration_identity: bool = True) -> SimpleNam
         labels=np.array(labels),
         scores=fused.reshape(len(paths), -1).max(axis=1),
         masks=masks_array,
-        maps=fused.astype(np.float16),
+        fused=fused.astype(np.float16),
         teacher_restoration=teacher.astype(np.float16),
         restoration_identity=identity.astype(np.float16),
     )
 
 
-def metrics_file() -> dict:
+def metrics_file(level: float = 0.7, variant: str = "mddnet", seed: int = 0) -> dict:
     per_class = {
-        "alpha": {m: 0.5 for m in METRICS},
-        "beta": {m: 0.9 for m in METRICS},
+        "alpha": {m: level - 0.2 for m in METRICS},
+        "beta": {m: level + 0.2 for m in METRICS},
     }
-    return {"mean": {m: 0.7 for m in METRICS}, "per_class": per_class}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "mean": {m: level for m in METRICS},
+        "per_class": per_class,
+    }
 
 
 def test_save_figure_writes_reproducible_png_and_pdf_and_nothing_else(tmp_path: Path) -> None:
@@ -120,7 +128,7 @@ def test_qualitative_grid_has_five_columns_and_one_colour_scale_per_map_column(
         "fused",
     ]
     picked = [2, 7]  # the first defective image of each class
-    fused = np.asarray(predictions.maps[picked], dtype=np.float32)
+    fused = np.asarray(predictions.fused[picked], dtype=np.float32)
     for row in range(2):
         assert fig.axes[row * 5 + 4].images[0].get_clim() == (fused.min(), fused.max())
 
@@ -141,43 +149,60 @@ def test_qualitative_grid_without_defective_images_is_an_error(tmp_path: Path) -
 
 
 def test_per_class_bars_draw_one_group_per_class_and_the_mean_in_percent() -> None:
-    fig = per_class_bars(metrics_file(), ("image_auroc", "pixel_aupro"))
+    table = main_table({"mddnet-s0": metrics_file()}, "mddnet")
+    fig = per_class_bars(table, ("image_auroc", "pixel_aupro"))
     ax = fig.axes[0]
     assert len(ax.containers) == 2  # one colour per metric
     heights = [[bar.get_height() for bar in container] for container in ax.containers]
     assert heights == [pytest.approx([50, 90, 70])] * 2  # alpha, beta, mean
+    assert all(c.errorbar is None for c in ax.containers)  # one seed: no error bars
     assert [t.get_text() for t in ax.get_xticklabels()] == ["alpha", "beta", "mean"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["I-AUROC", "AUPRO"]
     with pytest.raises(ValueError, match="unknown metric 'auroc'"):
-        per_class_bars(metrics_file(), ("auroc",))
+        per_class_bars(table, ("auroc",))
 
 
-def test_ablation_chart_annotates_percent_and_colours_within_each_column() -> None:
-    values = {"rd": 0.80, "drd": 0.85, "mdd": 0.9}
-    metrics = {v: {"mean": {m: x for m in METRICS}} for v, x in values.items()}
-    metrics["mdd"]["mean"]["pixel_ap"] = 0.5  # P-AP: the lowest; the rest stay ordered
-    frame = ablation_table(metrics, {"rd": "RD", "drd": "DRD-Net", "mdd": "MDD-Net"})
-    frame["mad"] = 0.6  # a constant column
-    ax = ablation_chart(frame).axes[0]
-    mesh = next(c for c in ax.collections if isinstance(c, QuadMesh))
-    colour = np.asarray(mesh.get_array()).reshape(3, len(METRICS))
-    image_auroc, pixel_ap, mad = (METRICS.index(m) for m in ("image_auroc", "pixel_ap", "mad"))
-    np.testing.assert_allclose(colour[:, image_auroc], [0.0, 0.5, 1.0])
-    np.testing.assert_allclose(colour[:, pixel_ap], [0.3 / 0.35, 1.0, 0.0])
-    np.testing.assert_allclose(colour[:, mad], [0.5, 0.5, 0.5])
-    texts = [t.get_text() for t in ax.texts]
-    assert texts[: len(METRICS)] == ["80.0"] * (len(METRICS) - 1) + ["60.0"]
-    assert texts[2 * len(METRICS) + pixel_ap] == "50.0"
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["RD", "DRD-Net", "MDD-Net"]
+def test_per_class_bars_show_the_sd_over_seeds_as_error_bars() -> None:
+    runs = {f"mddnet-s{s}": metrics_file(level, seed=s) for s, level in enumerate((0.6, 0.8))}
+    ax = per_class_bars(main_table(runs, "mddnet"), ("mad",)).axes[0]
+    (container,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [bar.get_height() for bar in container] == pytest.approx([50, 90, 70])
+    segments = container.errorbar.lines[2][0].get_segments()  # one vertical line per bar
+    half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments]
+    assert half == pytest.approx([100 * np.sqrt(0.02)] * 3)  # sd of 0.6 and 0.8, in percent
+
+
+def test_ablation_chart_draws_means_with_sd_bars_and_the_reference_line() -> None:
+    runs = {
+        **{f"rd-s{s}": metrics_file(v, "rd", s) for s, v in enumerate((0.7, 0.74))},
+        "mdd-s0": metrics_file(0.9, "mdd"),
+    }
+    summary = summarise(runs, ["rd", "mdd"])
+    reference = metrics_file(0.5, "reference")
+    frame = ablation_table(summary, {"rd": "RD", "mdd": "MDD-Net"}, None, reference)
+    fig = ablation_chart(frame)
+    assert [ax.get_title() for ax in fig.axes] == ["I-AUROC", "P-AUROC", "AUPRO", "mAD"]
+    assert len(fig.axes) == len(ABLATION_METRICS)
+    for ax in fig.axes:
+        points = ax.lines[0]  # the error-bar markers
+        x, y = (np.asarray(v, dtype=float) for v in (points.get_xdata(), points.get_ydata()))
+        np.testing.assert_allclose(x, [72.0, 90.0])  # rd (mean of its 2 seeds), mdd
+        np.testing.assert_allclose(y, [1, 0])  # the first row on top
+        (dashed,) = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert dashed.get_xdata()[0] == pytest.approx(50.0)  # the reference row
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["RD", "MDD-Net"]
+    assert REFERENCE_RUN not in [t.get_text() for t in fig.axes[0].get_yticklabels()]
 
 
 def write_losses(path: Path, memory: float) -> None:
+    # 20 steps, epochs of 3 (the last of 2): the total repeats 3, 6, 9 and ends 3, 6.
+    total = [3.0, 6.0, 9.0] * 6 + [3.0, 6.0]
     frame = pd.DataFrame(
         {
-            "step": [1, 2, 3, 4, 5, 6, 7],
-            "epoch": [0, 0, 0, 1, 1, 1, 2],
+            "step": range(1, 21),
+            "epoch": [i // 3 for i in range(20)],
             "lr": 0.005,
-            "total": [3.0, 6.0, 9.0, 3.0, 6.0, 9.0, 3.0],
+            "total": total,
             "restoration": 1.0,
             "identity": 1.0,
             "discrepancy": 1.0,
@@ -197,12 +222,16 @@ def test_loss_curves_smooth_over_an_epoch_and_skip_terms_a_run_does_not_have(
     assert list(axes) == ["total", "restoration", "identity", "discrepancy", "memory"]
     assert [len(ax.lines) for ax in axes.values()] == [2, 2, 2, 2, 1]
     assert all(ax.get_yscale() == "log" for ax in axes.values())
-    # Epochs of 3, 3 and 1 steps: median 3 -> centred mean over 3 steps, fewer at the ends.
-    np.testing.assert_allclose(
-        axes["total"].lines[0].get_ydata(), [4.5, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0]
-    )
+    # Epochs of 3 steps: a centred mean over 3 steps, fewer at the ends.
+    expected = [4.5] + [6.0] * 18 + [4.5]
+    np.testing.assert_allclose(axes["total"].lines[0].get_ydata(), expected)
+    # The legend gives the plateau: steps 17-18 average (6 + 9) / 2 = 7.5, steps 19-20
+    # (3 + 6) / 2 = 4.5: the loss fell by 3 / 7.5 = 40 % over the last tenth.
     legend = fig.axes[-1].get_legend()
-    assert [t.get_text() for t in legend.get_texts()] == ["MDD-Net", "DRD-Net"]
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "MDD-Net (last tenth: -40.0 %)",
+        "DRD-Net (last tenth: -40.0 %)",
+    ]
 
 
 def test_loss_curves_explain_missing_files_and_columns(tmp_path: Path) -> None:
@@ -259,8 +288,30 @@ def test_prototype_projection_tsne_option_and_errors() -> None:
         prototype_projection(prototypes, ["a", "b"], method="umap")
 
 
+def test_dataset_samples_show_normals_then_defects_per_class(tmp_path: Path) -> None:
+    fake_predictions(tmp_path)  # writes alpha/beta test images in MVTec layout
+    for name in ("alpha", "beta"):
+        train = tmp_path / name / "train" / "good"
+        train.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (SIZE, SIZE), (40 * i, 0, 0)).save(train / f"{i}.png")
+        for kind in ("type0", "type1", "type2"):
+            masks = tmp_path / name / "ground_truth" / kind
+            masks.mkdir(parents=True)
+            for image in (tmp_path / name / "test" / kind).glob("*.png"):
+                mask = np.zeros((2 * SIZE, 2 * SIZE), np.uint8)
+                mask[4:12, 4:12] = 255
+                Image.fromarray(mask).save(masks / f"{image.stem}_mask.png")
+    fig = dataset_samples(scan_dataset(tmp_path), SIZE, per_class=2)
+    assert len(fig.axes) == 2 * 4  # 2 classes x (2 normals + 2 defects)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["good", "good", "type0", "type2"] * 2  # defects evenly spaced
+    assert [ax.get_ylabel() for ax in fig.axes[::4]] == ["alpha", "beta"]
+    assert all(len(ax.collections) > 0 for ax in fig.axes if ax.get_title() != "good")
+
+
 def test_figures_leave_the_global_matplotlib_style_untouched(tmp_path: Path) -> None:
     before = dict(mpl.rcParams)
-    per_class_bars(metrics_file(), style="darkgrid")
+    per_class_bars(main_table({"m-s0": metrics_file(variant="m")}, "m"), style="darkgrid")
     qualitative_grid(fake_predictions(tmp_path), per_class=1, image_size=SIZE, style="ticks")
     assert dict(mpl.rcParams) == before

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mddnet.checkpoint import Scorer
 from mddnet.config import Config, ConfigError, load_config
 from mddnet.device import autocast, grad_scaler
-from mddnet.evaluate import score_batch
 from mddnet.models import build_model
 from mddnet.train import make_optimizer, train_step
 
@@ -47,7 +47,7 @@ def _first_steps(config: Config, steps: int = 2) -> list[torch.Tensor]:
     scaler = grad_scaler(torch.device("cpu"), config.train.precision)
     return [
         torch.stack(
-            train_step(model, model.teacher, optimizer, _batch(i), config, scaler)
+            train_step(model, model.teacher, optimizer, _batch(i), config, scaler).terms
         ).detach()
         for i in range(steps)
     ]
@@ -85,10 +85,9 @@ def test_bf16_anomaly_maps_are_fp32_and_close(params_path: Path) -> None:
         config = _config(params_path, precision)
         torch.manual_seed(0)
         model = build_model(config.model, CLASSES).eval()
-        with torch.no_grad():
-            _, anomaly, scores = score_batch(model, _batch()["anomalous"], None, config)
-        assert anomaly.fused.dtype == torch.float32 and scores.dtype == torch.float32
-        maps[precision] = anomaly.fused
+        scored = Scorer.of(config, None)(model, _batch()["anomalous"], None)
+        assert scored.fused.dtype == torch.float32 and scored.scores.dtype == torch.float32
+        maps[precision] = scored.fused
     correlation = torch.corrcoef(torch.stack([m.flatten() for m in maps.values()]))[0, 1]
     assert correlation > 0.98
 

@@ -9,9 +9,16 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mddnet.config import FusionConfig
 from mddnet.models.mddnet import MDDNetOutput
-from mddnet.scoring import anomaly_maps, blur, discrepancy_map, image_scores
+from mddnet.scoring import (
+    AnomalyMaps,
+    MapStatistics,
+    anomaly_maps,
+    blur,
+    discrepancy_map,
+    fuse,
+    image_scores,
+)
 
 
 def _constant(vector: tuple[float, float], h: int, w: int) -> torch.Tensor:
@@ -55,36 +62,70 @@ def _output(with_identity: bool = True) -> MDDNetOutput:
     )
 
 
-def test_fused_map_is_the_weighted_sum_of_the_two_maps() -> None:
+def test_anomaly_maps_are_the_two_blurred_discrepancy_maps() -> None:
     output = _output()
-    maps = anomaly_maps(output, (16, 16), FusionConfig(0.3, 2.0), blur_sigma=0.0)
+    maps = anomaly_maps(output, (16, 16), blur_sigma=1.0)
     tr = discrepancy_map(output.teacher, output.restoration, (16, 16))
     ri = discrepancy_map(output.restoration, output.identity, (16, 16))
-    torch.testing.assert_close(maps.teacher_restoration, tr)
-    torch.testing.assert_close(maps.restoration_identity, ri)
-    torch.testing.assert_close(maps.fused, 0.3 * tr + 2.0 * ri)
+    torch.testing.assert_close(maps.teacher_restoration, blur(tr, 1.0))
+    torch.testing.assert_close(maps.restoration_identity, blur(ri, 1.0))
+    without_identity = anomaly_maps(_output(with_identity=False), (16, 16), blur_sigma=1.0)
+    assert without_identity.restoration_identity is None
+    torch.testing.assert_close(without_identity.teacher_restoration, maps.teacher_restoration)
+
+
+def test_fused_map_is_the_weighted_sum_of_the_two_maps() -> None:
+    maps = anomaly_maps(_output(), (16, 16), blur_sigma=0.0)
+    fused = fuse(maps, (0.3, 2.0))
+    torch.testing.assert_close(
+        fused, 0.3 * maps.teacher_restoration + 2.0 * maps.restoration_identity
+    )
 
 
 def test_blurred_fusion_equals_the_blur_of_the_fused_map() -> None:
     output = _output()
-    raw = anomaly_maps(output, (32, 32), FusionConfig(1.0, 0.5), blur_sigma=0.0)
-    blurred = anomaly_maps(output, (32, 32), FusionConfig(1.0, 0.5), blur_sigma=2.0)
-    torch.testing.assert_close(blurred.fused, blur(raw.fused, 2.0), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(blurred.fused, raw.fused)
+    raw = fuse(anomaly_maps(output, (32, 32), blur_sigma=0.0), (1.0, 0.5))
+    blurred = fuse(anomaly_maps(output, (32, 32), blur_sigma=2.0), (1.0, 0.5))
+    torch.testing.assert_close(blurred, blur(raw, 2.0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(blurred, raw)
 
 
-def test_zero_weight_map_is_not_computed_and_needs_no_identity_decoder() -> None:
-    output = _output(with_identity=False)
-    maps = anomaly_maps(output, (16, 16), FusionConfig(1.0, 0.0), blur_sigma=0.0)
-    assert maps.restoration_identity is None
-    torch.testing.assert_close(maps.fused, maps.teacher_restoration)
-    only_ri = anomaly_maps(_output(), (16, 16), FusionConfig(0.0, 1.0), blur_sigma=0.0)
-    assert only_ri.teacher_restoration is None
+def test_zero_weight_map_is_left_out_and_needs_no_identity_decoder() -> None:
+    maps = anomaly_maps(_output(with_identity=False), (16, 16), blur_sigma=0.0)
+    torch.testing.assert_close(fuse(maps, (1.0, 0.0)), maps.teacher_restoration)
+    full = anomaly_maps(_output(), (16, 16), blur_sigma=0.0)
+    torch.testing.assert_close(fuse(full, (0.0, 1.0)), full.restoration_identity)
 
 
 def test_identity_map_weight_without_identity_decoder_is_a_clear_error() -> None:
+    maps = anomaly_maps(_output(with_identity=False), (16, 16), 0.0)
     with pytest.raises(ValueError, match="evaluate.fusion.restoration_identity"):
-        anomaly_maps(_output(with_identity=False), (16, 16), FusionConfig(1.0, 1.0), 0.0)
+        fuse(maps, (1.0, 1.0))
+    with pytest.raises(ValueError, match="at least one weight must be > 0"):
+        fuse(maps, (0.0, 0.0))
+
+
+def test_fuse_z_scores_each_map_with_the_class_statistics() -> None:
+    # Both images: TR = [[1, 2], [3, 4]], RI = [[0, 0], [1, 1]].
+    # Class 0: TR mean 0, std 1; RI mean 0.5, std 1. Class 1: TR mean 2, std 0.5; RI mean 0, std 2.
+    # Image 0 (class 1): TR -> (x - 2) / 0.5 = [-2, 0, 2, 4]; RI -> x / 2 = [0, 0, .5, .5]
+    #   fused with weights (1, 2): [-2, 0, 3, 5]
+    # Image 1 (class 0): TR -> x = [1, 2, 3, 4]; RI -> x - 0.5 = [-.5, -.5, .5, .5]
+    #   fused: [0, 1, 4, 5]
+    tr = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).expand(2, 2, 2)
+    ri = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).expand(2, 2, 2)
+    statistics = MapStatistics(
+        teacher_restoration=(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.5])),
+        restoration_identity=(torch.tensor([0.5, 0.0]), torch.tensor([1.0, 2.0])),
+    )
+    fused = fuse(AnomalyMaps(tr, ri), (1.0, 2.0), statistics, torch.tensor([1, 0]))
+    expected = torch.tensor([[[-2.0, 0.0], [3.0, 5.0]], [[0.0, 1.0], [4.0, 5.0]]])
+    torch.testing.assert_close(fused, expected)
+    # one image of the 1x2x2 case alone gives the same
+    single = fuse(AnomalyMaps(tr[:1], ri[:1]), (1.0, 2.0), statistics, torch.tensor([1]))
+    torch.testing.assert_close(single, expected[:1])
+    # without statistics the maps are summed raw
+    torch.testing.assert_close(fuse(AnomalyMaps(tr, ri), (1.0, 2.0)), tr + 2 * ri)
 
 
 def test_blur_preserves_mass_and_matches_scipy_gaussian() -> None:

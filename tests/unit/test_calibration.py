@@ -1,0 +1,241 @@
+"""Calibration on held-out normals and the one scoring path (`checkpoint.Scorer`) that uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mddnet.calibration import Calibration, calibrate, statistics_of
+from mddnet.checkpoint import Scorer
+from mddnet.config import Config, load_config
+from mddnet.data.datasets import NormalDataset
+from mddnet.data.layout import scan_dataset
+from mddnet.errors import MddnetError
+from mddnet.io import CheckpointError
+from mddnet.models import build_model
+from mddnet.models.mddnet import MDDNetOutput
+from mddnet.scoring import AnomalyMaps, anomaly_maps, fuse, image_scores
+
+SIZE = 32
+CLASSES = ("alpha", "beta")
+
+
+def _calibration(**changes: object) -> Calibration:
+    """A calibration as a checkpoint stores it: two classes, both maps."""
+    values = {
+        "statistics": {
+            "teacher_restoration": [[0.0, 2.0], [1.0, 0.5]],
+            "restoration_identity": [[0.5, 0.0], [1.0, 2.0]],
+        },
+        "restoration_identity": 0.25,
+        "image_score": "topk_mean",
+        "thresholds": [1.5, 2.5],
+        "candidates": [],
+        "images": 4,
+    }
+    return Calibration(**{**values, **changes})
+
+
+def _config(params_path: Path, **evaluate: object) -> Config:
+    return load_config(params_path, "mddnet", overrides={"evaluate": evaluate})
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorer.of: `validated` and `normalise` resolved against the calibration
+
+
+def test_scorer_of_takes_validated_values_from_the_calibration(params_path: Path) -> None:
+    config = _config(
+        params_path, fusion={"restoration_identity": "validated"}, image_score="validated"
+    )
+    scorer = Scorer.of(config, _calibration())
+    assert scorer.weights == (config.evaluate.fusion.teacher_restoration, 0.25)
+    assert scorer.image_score == "topk_mean"
+    assert scorer.statistics is None  # normalise: false sums the raw maps
+    assert scorer.config is config
+
+
+def test_scorer_of_normalise_uses_the_calibration_statistics(params_path: Path) -> None:
+    config = _config(params_path, fusion={"normalise": True, "restoration_identity": 0.5})
+    scorer = Scorer.of(config, _calibration())
+    assert scorer.weights == (1.0, 0.5) and scorer.image_score == "max"  # the config's own
+    mean, std = scorer.statistics.teacher_restoration
+    assert mean.tolist() == [0.0, 2.0] and std.tolist() == [1.0, 0.5]
+    mean, std = scorer.statistics.restoration_identity
+    assert mean.tolist() == [0.5, 0.0] and std.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "evaluate",
+    [
+        {"fusion": {"restoration_identity": "validated"}},
+        {"image_score": "validated"},
+        {"fusion": {"normalise": True}},
+    ],
+    ids=["validated weight", "validated image score", "normalise"],
+)
+def test_scorer_of_refuses_a_missing_calibration(params_path: Path, evaluate) -> None:
+    with pytest.raises(CheckpointError, match="needs the calibration .* this checkpoint has none"):
+        Scorer.of(_config(params_path, **evaluate), None)
+
+
+def test_scorer_of_plain_settings_needs_no_calibration(params_path: Path) -> None:
+    config = _config(params_path, fusion={"restoration_identity": 0.5}, image_score="topk_mean")
+    assert Scorer.of(config, None) == Scorer((1.0, 0.5), None, "topk_mean", config)
+
+
+def test_calibrated_scorer_is_the_calibrations_own_scoring(params_path: Path) -> None:
+    config = _config(params_path, fusion={"teacher_restoration": 3.0})
+    scorer = Scorer.calibrated(config, _calibration())
+    assert scorer.weights == (1.0, 0.25) and scorer.image_score == "topk_mean"
+    assert scorer.statistics.teacher_restoration[0].tolist() == [0.0, 2.0]
+    with pytest.raises(CheckpointError, match="no calibration"):
+        Scorer.calibrated(config, None)
+
+
+def _fixed_output(identity: bool = True, class_ids: torch.Tensor | None = None):
+    """A stand-in model: the same MDDNetOutput whatever the image (2 images, 2-channel maps)."""
+    g = torch.Generator().manual_seed(0)
+    features = [[torch.randn(2, 2, s, s, generator=g) for s in (8, 4)] for _ in range(3)]
+    output = MDDNetOutput(
+        features[0], features[1], features[2] if identity else None, None, class_ids
+    )
+    return lambda image, given: output
+
+
+def test_a_scorer_call_fuses_the_maps_and_pools_the_scores(params_path: Path) -> None:
+    config = _config(params_path, fusion={"normalise": True}, topk=5)
+    calibration = _calibration(restoration_identity=0.5, image_score="topk_mean")
+    scorer = Scorer.calibrated(config, calibration)
+    model = _fixed_output(class_ids=torch.tensor([1, 0]))
+    image = torch.zeros(2, 3, SIZE, SIZE)
+    scored = scorer(model, image, None)
+    maps = anomaly_maps(model(image, None), (SIZE, SIZE), config.evaluate.blur_sigma)
+    torch.testing.assert_close(scored.maps.teacher_restoration, maps.teacher_restoration)
+    fused = fuse(maps, (1.0, 0.5), calibration.map_statistics(), torch.tensor([1, 0]))
+    torch.testing.assert_close(scored.fused, fused)
+    torch.testing.assert_close(scored.scores, image_scores(fused, "topk_mean", 5))
+
+
+def test_normalised_scoring_without_a_class_is_refused(params_path: Path) -> None:
+    scorer = Scorer.calibrated(_config(params_path), _calibration())
+    with pytest.raises(MddnetError, match=r"give it \(mddnet predict --class NAME\)"):
+        scorer(_fixed_output(class_ids=None), torch.zeros(2, 3, SIZE, SIZE), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate(): statistics, candidates, choice and thresholds
+
+
+def test_statistics_of_is_the_per_class_mean_and_std_over_all_pixels() -> None:
+    # Class 0: pixels 1, 2, 3, 5: mean 2.75, std (n - 1) sqrt(8.75 / 3) = 1.707825.
+    # Class 1: pixels 4, 6: mean 5, std sqrt(2).
+    tr = torch.tensor([[[1.0, 2.0]], [[3.0, 5.0]], [[4.0, 6.0]]])  # (3, 1, 2)
+    stats = statistics_of(AnomalyMaps(tr, None), torch.tensor([0, 0, 1]), 2)
+    mean, std = stats.teacher_restoration
+    assert mean.tolist() == pytest.approx([2.75, 5.0])
+    assert std.tolist() == pytest.approx([math.sqrt(8.75 / 3), math.sqrt(2)], abs=1e-6)
+    assert math.sqrt(8.75 / 3) == pytest.approx(1.707825, abs=1e-6)
+    assert stats.restoration_identity is None
+
+
+def test_a_calibration_survives_the_checkpoints_plain_dict() -> None:
+    calibration = _calibration()
+    assert Calibration.from_dict(dataclasses.asdict(calibration)) == calibration
+    no_identity = _calibration(statistics={"teacher_restoration": [[0.0], [1.0]]})
+    assert no_identity.map_statistics().restoration_identity is None
+
+
+def _save(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> list:
+    """Three normal images per class, 40 px, of two differently coloured noise textures."""
+    root = tmp_path_factory.mktemp("calibration")
+    rng = np.random.default_rng(0)
+    for name, colour in zip(CLASSES, ((200, 60, 40), (40, 90, 200)), strict=True):
+        for i in range(3):
+            pixels = np.clip(rng.normal(colour, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+            _save(root / name / "train" / "good" / f"{i:03d}.png", pixels)
+        _save(root / name / "test" / "good" / "000.png", pixels)
+    return [s for s in scan_dataset(root) if s.split == "train"]
+
+
+def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_out) -> None:
+    """An untrained model at 32 px: every number is checked against an independent recompute
+    (the integration tests check the same on a trained checkpoint)."""
+    config = load_config(
+        params_path,
+        "mddnet",
+        overrides={
+            "model": {"weights": "none"},
+            "data": {"image_size": SIZE},
+            "train": {"channels_last": False},
+            "evaluate": {"batch_size": 6},  # one batch: one input shape keeps it fast
+            "calibration": {
+                "restoration_identity": [0.0, 1.0],
+                "image_score": ["max", "topk_mean"],
+            },
+        },
+    )
+    torch.manual_seed(0)
+    model = build_model(config.model, len(CLASSES)).eval()
+    calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
+
+    assert calibration.images == 6 and len(calibration.thresholds) == 2
+    # every candidate of the grid was scored, and the chosen one is the first best
+    grid = [(c["restoration_identity"], c["image_score"]) for c in calibration.candidates]
+    assert grid == [(0.0, "max"), (0.0, "topk_mean"), (1.0, "max"), (1.0, "topk_mean")]
+    for candidate in calibration.candidates:
+        parts = [candidate[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")]
+        assert candidate["score"] == pytest.approx(np.mean(parts))
+    best = max(calibration.candidates, key=lambda c: c["score"])  # max keeps the first of ties
+    assert (calibration.restoration_identity, calibration.image_score) == (
+        best["restoration_identity"],
+        best["image_score"],
+    )
+
+    # Recompute the held-out normals' maps and scores with the calibrated scorer.
+    batch = next(iter(DataLoader(NormalDataset(held_out, CLASSES, SIZE), batch_size=6)))
+    class_ids = batch["class_id"]
+    with torch.no_grad():
+        maps = anomaly_maps(model(batch["image"], class_ids), (SIZE, SIZE), 2.0)
+    expected = statistics_of(maps, class_ids, 2)
+    for key in ("teacher_restoration", "restoration_identity"):
+        mean, std = calibration.statistics[key]
+        np.testing.assert_allclose(mean, getattr(expected, key)[0].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(std, getattr(expected, key)[1].numpy(), rtol=1e-5)
+    scores = Scorer.calibrated(config, calibration)(model, batch["image"], class_ids).scores
+    for c in range(2):
+        own = scores[class_ids == c]
+        assert (own <= calibration.thresholds[c] + 1e-5).all()  # no held-out normal above it
+        assert float(own.max()) == pytest.approx(calibration.thresholds[c], rel=1e-5)
+
+
+def test_calibration_without_identity_decoder_tries_only_the_teacher_map(
+    params_path: Path, held_out
+) -> None:
+    config = load_config(
+        params_path,
+        "restoration_only",
+        overrides={
+            "model": {"weights": "none"},
+            "data": {"image_size": SIZE},
+            "calibration": {"image_score": ["max"]},
+        },
+    )
+    torch.manual_seed(0)
+    model = build_model(config.model, len(CLASSES)).eval()
+    calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
+    assert [c["restoration_identity"] for c in calibration.candidates] == [0.0]
+    assert set(calibration.statistics) == {"teacher_restoration"}
