@@ -7,6 +7,7 @@ of the constructor, never by a branch on a variant name.
 from __future__ import annotations
 
 from mddnet.config import ModelConfig
+from mddnet.errors import MddnetError
 from mddnet.models.bottleneck import Bottleneck
 from mddnet.models.decoder import Decoder
 from mddnet.models.encoder import build_teacher
@@ -35,7 +36,7 @@ def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = Tru
     if any(
         deep != 2 * shallow for shallow, deep in zip(reductions[:-1], reductions[1:], strict=True)
     ):
-        raise ValueError(
+        raise MddnetError(
             f"model.stages {list(config.stages)} of {config.backbone} have strides "
             f"{list(reductions)}; the bottleneck and decoders need each stage at half the "
             f"previous one's resolution: pick consecutive stages"

