@@ -111,8 +111,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mddnet.evaluate import evaluate_checkpoint, save_predictions
+    from mddnet.evaluate import evaluate_checkpoint
     from mddnet.io import write_json
+    from mddnet.predictions import save_predictions
 
     config = _load(args)
     run = evaluate_checkpoint(config, args.checkpoint)

@@ -9,11 +9,9 @@ maps, labels, masks, classes); maps are kept as float16 to bound memory (MVTec A
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,42 +27,22 @@ from mddnet.data.datasets import TestDataset
 from mddnet.data.layout import scan_dataset
 from mddnet.device import memory_format, resolve_device
 from mddnet.errors import MddnetError
-from mddnet.io import write_bytes
 from mddnet.kernels import cpu_report
 from mddnet.metrics import compute_per_class
 from mddnet.models.mddnet import MDDNet
+from mddnet.predictions import Predictions
 
 __all__ = [
     "EvaluationRun",
-    "Predictions",
     "check_compatible",
     "evaluate",
     "evaluate_checkpoint",
-    "load_predictions",
-    "load_predictions_of",
     "load_test_set",
     "predict",
-    "save_predictions",
     "versions",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Everything a test run produced, aligned by image (N images of H x W pixels)."""
-
-    class_names: tuple[str, ...]
-    paths: tuple[str, ...]
-    class_ids: np.ndarray  # (N,) int64, the true class
-    predicted_class_ids: np.ndarray  # (N,) int64, the memory's prediction; -1 without memory
-    labels: np.ndarray  # (N,) int64, 1 = defective
-    scores: np.ndarray  # (N,) float64 image scores
-    masks: np.ndarray  # (N, H, W) bool ground truth
-    fused: np.ndarray  # (N, H, W) float16 fused anomaly maps (what the scores come from)
-    teacher_restoration: np.ndarray  # (N, H, W) float16, blurred, not normalised
-    restoration_identity: np.ndarray  # (N, H, W) float16; zeros without identity decoder
 
 
 def check_compatible(trained: TrainedModel, config: Config, checkpoint: str | Path) -> None:
@@ -150,32 +128,6 @@ def predict(
         teacher_restoration=np.concatenate(parts["teacher_restoration"]),
         restoration_identity=np.concatenate(parts["restoration_identity"]),
     )
-
-
-def save_predictions(path: str | Path, predictions: Predictions) -> None:
-    """Write predictions as one compressed .npz, atomically."""
-    buffer = io.BytesIO()
-    arrays = {
-        f.name: np.asarray(getattr(predictions, f.name)) for f in dataclasses.fields(Predictions)
-    }
-    np.savez_compressed(buffer, **arrays)
-    write_bytes(path, buffer.getvalue())
-
-
-def load_predictions(path: str | Path) -> Predictions:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: predictions not found (run the evaluate stage first)")
-    with np.load(path, allow_pickle=False) as data:
-        values = {name: data[name] for name in data.files}
-    values["class_names"] = tuple(str(c) for c in values["class_names"])
-    values["paths"] = tuple(str(p) for p in values["paths"])
-    return Predictions(**values)
-
-
-def load_predictions_of(paths: Mapping[str, str | Path]) -> dict[str, Predictions]:
-    """`{variant: Predictions}` from `{variant: path}` (see `report.variant_paths`)."""
-    return {name: load_predictions(path) for name, path in paths.items()}
 
 
 def evaluate(predictions: Predictions, config: Config) -> dict[str, Any]:

@@ -31,8 +31,9 @@ from sklearn.metrics import (
 )
 
 from mddnet.data.layout import Sample, load_image, load_mask
-from mddnet.io import write_bytes
+from mddnet.io import load_checkpoint, write_bytes
 from mddnet.metrics import loss_plateau
+from mddnet.predictions import Predictions, load_predictions
 from mddnet.report import (
     HEADERS,
     METRICS,
@@ -45,7 +46,6 @@ from mddnet.report import (
 
 if TYPE_CHECKING:
     from mddnet.config import Config, Params
-    from mddnet.evaluate import Predictions
 
 __all__ = [
     "LOSS_TERMS",
@@ -518,9 +518,6 @@ def pipeline_figures(
     `folders` holds the `metrics`, `losses`, `predictions` and `checkpoints` folders. Per-run
     figures show the first seed's runs; tables and bars summarise all seeds.
     """
-    from mddnet.checkpoint import load_trained_model
-    from mddnet.evaluate import load_predictions
-
     report, settings = config.report, config.figures
     first = config.seeds[0]
     compare = {name: f"{name}-s{first}" for name in settings.compare}
@@ -529,8 +526,8 @@ def pipeline_figures(
     predictions = {
         n: load_predictions(folders["predictions"] / f"{r}.npz") for n, r in compare.items()
     }
-    main = load_trained_model(folders["checkpoints"] / f"{compare[report.main_variant]}.pt")
-    memory = main.model.memory
+    main = load_checkpoint(folders["checkpoints"] / f"{compare[report.main_variant]}.pt")
+    prototypes = main["state_dict"].get("memory.prototypes")
     figures = {
         "qualitative": qualitative_grid(
             predictions[report.main_variant],
@@ -547,10 +544,9 @@ def pipeline_figures(
         ),
         "roc_pr": roc_pr_curves(predictions, style=settings.style),
     }
-    if memory is not None:
-        prototypes = memory.prototypes.detach().numpy()
+    if prototypes is not None:
         figures["prototypes"] = prototype_projection(
-            prototypes, main.class_names, style=settings.style
+            prototypes.numpy(), main["class_names"], style=settings.style
         )
     formats = dict.fromkeys((*settings.formats, "png"))  # the PNG is what notebooks show
     return {

@@ -32,10 +32,10 @@ from mddnet.cli import main
 from mddnet.config import config_to_dict, load_config
 from mddnet.data.layout import DatasetError
 from mddnet.data.prepare import prepare_dataset
-from mddnet.evaluate import load_predictions
 from mddnet.io import load_checkpoint, save_checkpoint
 from mddnet.models import build_model
 from mddnet.pipeline import PipelinePaths, render_pipeline
+from mddnet.predictions import load_predictions
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 24  # side of the hand-made images (pixels)

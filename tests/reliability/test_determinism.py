@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mddnet.evaluate import load_predictions
 from mddnet.io import load_checkpoint
+from mddnet.predictions import load_predictions
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,10 @@ import pytest
 
 from mddnet.config import load_params
 from mddnet.data.prepare import prepare_dataset
-from mddnet.evaluate import evaluate_checkpoint, save_predictions
+from mddnet.evaluate import evaluate_checkpoint
 from mddnet.io import write_json
 from mddnet.plots import pipeline_figures
+from mddnet.predictions import save_predictions
 from mddnet.reference import reference_metrics
 from mddnet.report import ablation_results, main_results
 from mddnet.train import fit

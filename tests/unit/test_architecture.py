@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     },
     {"mddnet.distributed"},
     {"mddnet.io"},
-    {"mddnet.metrics", "mddnet.data.layout", "mddnet.data.anomalies"},
+    {"mddnet.metrics", "mddnet.predictions", "mddnet.data.layout", "mddnet.data.anomalies"},
     {
         "mddnet.benchmark",
         "mddnet.benchmark.canvas",
@@ -64,7 +64,14 @@ FORBIDDEN = {
     "mddnet.models": ("mddnet.data", "mddnet.losses"),
     "mddnet.metrics": ("torch", "mddnet."),
     "mddnet.report": ("mddnet.models", "mddnet.train", "mddnet.evaluate", "torch"),
-    "mddnet.plots": ("mddnet.models", "mddnet.train", "mddnet.evaluate", "torch"),
+    "mddnet.plots": (
+        "mddnet.models",
+        "mddnet.train",
+        "mddnet.evaluate",
+        "mddnet.checkpoint",
+        "torch",
+    ),
+    "mddnet.predictions": ("torch",),
 }
 # Modules that may import only these of the package (the pipeline renders dvc.yaml from params,
 # so it must not pull in torch through the computing modules).
