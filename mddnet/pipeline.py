@@ -44,6 +44,8 @@ NOTEBOOKS = {
 }
 
 _SETUP = ["mddnet/__init__.py", "mddnet/config.py", "mddnet/errors.py", "mddnet/io.py"]
+# Tables and figures: never a dependency of a training or evaluation stage.
+_SHOWN = ["mddnet/metrics.py", "mddnet/predictions.py", "mddnet/report.py", "mddnet/plots.py"]
 _SESSION = [*_SETUP, "mddnet/kernels.py", "mddnet/notebook.py", "mddnet/seed.py"]
 _DATA = ["mddnet/data/__init__.py", "mddnet/data/layout.py"]
 _MODEL = ["mddnet/models", "mddnet/imagenet.py", "mddnet/device.py", "mddnet/scoring.py"]
@@ -57,15 +59,7 @@ _TRAINED = [
 ]
 # The package modules each stage computes with; display-only modules never count.
 STAGE_MODULES = {
-    "prepare": [
-        *_SESSION,
-        *_DATA,
-        "mddnet/data/prepare.py",
-        "mddnet/benchmark",
-        "mddnet/plots.py",
-        "mddnet/metrics.py",
-        "mddnet/report.py",
-    ],
+    "prepare": [*_SESSION, *_DATA, "mddnet/data/prepare.py", "mddnet/benchmark", *_SHOWN],
     "train": [
         *_SESSION,
         *_DATA,
@@ -74,7 +68,7 @@ STAGE_MODULES = {
         "mddnet/losses.py",
         "mddnet/train.py",
     ],
-    "evaluate": [*_SESSION, *_DATA, *_TRAINED, "mddnet/evaluate.py"],
+    "evaluate": [*_SESSION, *_DATA, *_TRAINED, "mddnet/evaluate.py", "mddnet/predictions.py"],
     "reference": [
         *_SESSION,
         *_DATA,
@@ -86,14 +80,7 @@ STAGE_MODULES = {
     ],
     "main_results": [*_SESSION, "mddnet/metrics.py", "mddnet/report.py"],
     "ablations": [*_SESSION, "mddnet/metrics.py", "mddnet/report.py"],
-    "figures": [
-        *_SESSION,
-        *_DATA,
-        *_TRAINED,
-        "mddnet/evaluate.py",
-        "mddnet/report.py",
-        "mddnet/plots.py",
-    ],
+    "figures": [*_SESSION, *_DATA, *_SHOWN],
 }
 # The evaluate settings that calibration, at the end of training, scores validation images with.
 _CALIBRATION_KEYS = [

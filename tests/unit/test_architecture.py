@@ -128,6 +128,7 @@ def test_imports_point_down(path: Path) -> None:
         assert ours <= ONLY[module], f"{module} imports {sorted(ours - ONLY[module])}"
 
 
+@pytest.mark.slow
 def test_tables_and_figures_load_without_torch() -> None:
     probe = "import sys, mddnet.report, mddnet.plots; sys.exit('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

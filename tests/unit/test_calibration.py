@@ -171,6 +171,7 @@ def held_out(tmp_path_factory) -> list:
     return [s for s in scan_dataset(root) if s.split == "train"]
 
 
+@pytest.mark.slow
 def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_out) -> None:
     """An untrained model at 32 px: every number is checked against an independent recompute
     (the integration tests check the same on a trained checkpoint)."""
@@ -222,6 +223,7 @@ def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_ou
         assert float(own.max()) == pytest.approx(calibration.thresholds[c], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_calibration_without_identity_decoder_tries_only_the_teacher_map(
     params_path: Path, held_out
 ) -> None:

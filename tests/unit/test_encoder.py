@@ -123,6 +123,7 @@ def test_imagenet_trained_backbone_gets_inputs_unchanged() -> None:
     torch.testing.assert_close(teacher.renormalise(x), x)
 
 
+@pytest.mark.slow
 def test_state_dict_carries_the_renormalisation_to_a_rebuilt_teacher(probe: torch.Tensor) -> None:
     # efficientnet_lite0's timm config says ImageNet mean/std, the pip weights need 0.5: a
     # checkpoint loaded into a randomly initialised rebuild must bring the pip map along.
@@ -134,6 +135,7 @@ def test_state_dict_carries_the_renormalisation_to_a_rebuilt_teacher(probe: torc
         assert torch.equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_stage_shapes_at_128_px_follow_the_backbone_strides(pip_teacher: Teacher) -> None:
     features = pip_teacher(torch.zeros(2, 3, 128, 128))
     assert [tuple(f.shape) for f in features] == [(2, 24, 32, 32), (2, 40, 16, 16), (2, 112, 8, 8)]
@@ -150,6 +152,7 @@ def test_teacher_has_parameters_but_none_trainable_and_outputs_carry_no_graph(
     assert not any(f.requires_grad for f in pip_teacher(image))
 
 
+@pytest.mark.slow
 def test_parent_train_mode_changes_neither_mode_nor_outputs(probe: torch.Tensor) -> None:
     teacher = build_teacher(_config())
     parent = nn.ModuleDict({"teacher": teacher, "head": nn.Linear(2, 2)})
@@ -177,6 +180,7 @@ def test_local_copy_of_the_pip_file_gives_the_same_features(
         assert torch.equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_safetensors_classifier_file_loads_by_name_ignoring_the_head(
     tmp_path: Path, pip_teacher: Teacher, probe: torch.Tensor
 ) -> None:
@@ -188,6 +192,7 @@ def test_safetensors_classifier_file_loads_by_name_ignoring_the_head(
         assert torch.equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_weights_none_initialises_randomly_with_a_warning(
     caplog: pytest.LogCaptureFixture, pip_teacher: Teacher, probe: torch.Tensor
 ) -> None:

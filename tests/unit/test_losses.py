@@ -198,6 +198,7 @@ def _gradient_sum(module: torch.nn.Module) -> float:
     return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 
 
+@pytest.mark.slow
 def test_identity_gradient_keeps_the_discrepancy_loss_out_of_the_restoration_decoder() -> None:
     restoration, identity, identity_loss = _decoded("identity")
     assert _gradient_sum(restoration) == 0.0  # exactly: D_R's maps were detached

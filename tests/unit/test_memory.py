@@ -161,6 +161,7 @@ def test_gated_output_lies_between_z_and_the_read_out() -> None:
     assert g.std() > 0.01  # the gate differs between positions
 
 
+@pytest.mark.slow
 def test_kmeans_finds_the_centres_of_two_separated_clusters() -> None:
     g = torch.Generator().manual_seed(0)
     near = torch.randn(30, 2, generator=g) * 0.5  # around (0, 0)

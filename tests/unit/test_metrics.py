@@ -391,6 +391,7 @@ def test_compute_all_refuses_labels_that_do_not_match_the_masks() -> None:
 # Packaging and real masks
 
 
+@pytest.mark.slow
 def test_importing_metrics_does_not_import_torch() -> None:
     probe = "import sys, mddnet.metrics; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

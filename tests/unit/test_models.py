@@ -61,6 +61,7 @@ def _count(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+@pytest.mark.slow
 def test_decoders_mirror_the_teacher_and_z_has_twice_its_deepest_channels(
     params_path: Path,
 ) -> None:
@@ -105,6 +106,7 @@ def test_decoder_outputs_are_signed_like_teacher_features() -> None:
     assert all((f < 0).any() and (f > 0).any() for f in outputs)
 
 
+@pytest.mark.slow
 def test_teacher_has_no_trainable_params_and_does_not_change_during_training(
     params_path: Path,
 ) -> None:
@@ -127,6 +129,7 @@ def test_teacher_has_no_trainable_params_and_does_not_change_during_training(
     assert not torch.equal(model.memory.prototypes.detach(), prototypes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("identity_decoder", "memory_enabled"), [(False, True), (True, False), (False, False)]
 )
@@ -168,6 +171,7 @@ def test_restoration_reads_the_memory_and_identity_reads_z(params_path: Path) ->
     assert not torch.allclose(out_a.identity[0], out_b.identity[0])
 
 
+@pytest.mark.slow
 def test_output_class_ids_are_the_given_ones_or_the_memory_prediction(params_path: Path) -> None:
     model = _build(_config(params_path)).eval()
     images, _, _ = _batch(5)
@@ -177,6 +181,7 @@ def test_output_class_ids_are_the_given_ones_or_the_memory_prediction(params_pat
     assert predicted.class_ids.tolist() == predicted.memory_logits.argmax(dim=1).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
 def test_same_seed_gives_identical_weights_after_three_steps(
     params_path: Path, optimizer_name: str
@@ -198,6 +203,7 @@ def test_same_seed_gives_identical_weights_after_three_steps(
     )
 
 
+@pytest.mark.slow
 def test_gradients_are_bit_identical_on_every_repeat_at_training_size(params_path: Path) -> None:
     """The tiny test above runs single-threaded kernels; at the default's size (batch 16, 128 px,
     classes repeated in the batch) torch's CPU ops run on several threads. The memory's class
@@ -254,6 +260,7 @@ def test_memory_params_reach_the_module(params_path: Path) -> None:
     assert model.memory.gate is not None
 
 
+@pytest.mark.slow
 def test_output_carries_the_memory_attention(params_path: Path) -> None:
     model = _build(_config(params_path)).eval()
     images, _, class_ids = _batch(0, batch=2)
@@ -319,6 +326,7 @@ def test_a_decoder_with_skips_needs_the_teacher_maps() -> None:
         skipped(z)
 
 
+@pytest.mark.slow
 def test_identity_skips_reach_the_identity_decoder_only(params_path: Path) -> None:
     model = _build(_config(params_path, identity_skips=True)).eval()
     assert model.identity_decoder.skips is not None and model.restoration_decoder.skips is None

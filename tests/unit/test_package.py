@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
@@ -25,6 +26,7 @@ sys.exit(0 if before == after else 'files created: %s' % sorted(after - before))
 """
 
 
+@pytest.mark.slow
 def test_import_creates_no_files_and_opens_no_connection(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", _IMPORT_PROBE], cwd=tmp_path, capture_output=True, text=True
@@ -174,6 +176,7 @@ for module in pkgutil.walk_packages(mddnet.__path__, 'mddnet.'):
 """
 
 
+@pytest.mark.slow
 def test_cli_modules_import_without_the_pipeline_extra() -> None:
     result = subprocess.run(
         [sys.executable, "-c", _BLOCKED_IMPORT_PROBE, *sorted(PIPELINE_ONLY)],
@@ -233,6 +236,7 @@ def test_ci_lints_before_the_tests_and_hooks_match_the_locked_ruff(repo: Path) -
     assert all(re.fullmatch(r"v?\d+(\.\d+)+", rev) for rev, _ in by_id.values())
 
 
+@pytest.mark.slow
 def test_cli_shows_the_resolved_variant(params_path: Path) -> None:
     result = subprocess.run(
         [
@@ -253,6 +257,7 @@ def test_cli_shows_the_resolved_variant(params_path: Path) -> None:
     assert shown["variant"] == "rd_baseline" and shown["model"]["identity_decoder"] is False
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_clear_line(params_path: Path) -> None:
     result = subprocess.run(
         [

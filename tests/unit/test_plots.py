@@ -277,6 +277,7 @@ def test_prototype_projection_pca_matches_an_svd_of_the_normalised_prototypes() 
     assert ax.get_xlabel().startswith("PC1")
 
 
+@pytest.mark.slow
 def test_prototype_projection_tsne_option_and_errors() -> None:
     prototypes = np.random.default_rng(1).normal(size=(2, 3, 5))
     ax = prototype_projection(prototypes, ["a", "b"], method="tsne").axes[0]

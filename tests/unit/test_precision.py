@@ -53,6 +53,7 @@ def _first_steps(config: Config, steps: int = 2) -> list[torch.Tensor]:
     ]
 
 
+@pytest.mark.slow
 def test_fp32_is_autocast_off_and_bit_identical(params_path: Path) -> None:
     config = _config(params_path, "fp32")
     torch.manual_seed(0)
@@ -67,6 +68,7 @@ def test_fp32_is_autocast_off_and_bit_identical(params_path: Path) -> None:
     assert not grad_scaler(torch.device("cpu"), "fp32").is_enabled()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_training_stays_near_fp32(params_path: Path, precision: str) -> None:
     reference = _first_steps(_config(params_path, "fp32"))
@@ -78,6 +80,7 @@ def test_low_precision_training_stays_near_fp32(params_path: Path, precision: st
     assert grad_scaler(torch.device("cpu"), precision).is_enabled() == (precision == "fp16")
 
 
+@pytest.mark.slow
 def test_bf16_anomaly_maps_are_fp32_and_close(params_path: Path) -> None:
     torch.manual_seed(0)
     maps = {}

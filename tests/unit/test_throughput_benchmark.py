@@ -53,6 +53,7 @@ def test_time_calls_interleaves_calls_and_times_only_the_timed_rounds(
     assert min(slow_s) >= 0.02 > max(fast_s)
 
 
+@pytest.mark.slow
 def test_run_benchmark_reports_consistent_positive_numbers(
     throughput: ModuleType, tiny, params_path: Path
 ) -> None:

@@ -52,6 +52,7 @@ def test_loss_columns_carry_the_memory_usage() -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_train_step_returns_its_terms_and_the_memory_usage(params_path) -> None:
     config = load_config(
         params_path,
