@@ -162,6 +162,7 @@ class ModelConfig:
     stages: tuple[int, ...]
     identity_decoder: bool
     identity_skips: bool
+    identity_detached: bool
     memory: MemoryConfig
 
 

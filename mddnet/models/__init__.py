@@ -62,4 +62,5 @@ def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = Tru
             else None
         ),
         memory=memory,
+        detach_identity=config.identity_detached,
     )

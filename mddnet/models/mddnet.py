@@ -2,8 +2,9 @@
 
 [paper] The teacher T encodes the (anomalous) input; the restoration decoder D_R recovers normal
 teacher features, the identity decoder D_I reproduces the input's features, and the class-aware
-memory steers the restoration. [ours] Both decoders read the same bottleneck embedding z; the
-memory sits between z and D_R only, so D_I keeps seeing the anomaly it must reproduce.
+memory steers the restoration. [ours] Both decoders read the same bottleneck embedding z (D_I
+optionally without training it: `detach_identity`); the memory sits between z and D_R only, so
+D_I keeps seeing the anomaly it must reproduce.
 
 The model is composed by injection: an ablation passes `identity_decoder=None` or `memory=None`,
 and `forward` follows whatever parts it was given.
@@ -45,8 +46,10 @@ class MDDNet(nn.Module):
         restoration_decoder: Decoder,
         identity_decoder: Decoder | None = None,
         memory: ClassAwareMemory | None = None,
+        detach_identity: bool = False,
     ) -> None:
         super().__init__()
+        self.detach_identity = detach_identity
         self.teacher = teacher
         self.bottleneck = bottleneck
         self.restoration_decoder = restoration_decoder
@@ -72,5 +75,8 @@ class MDDNet(nn.Module):
         restoration = self.restoration_decoder(restoration_input)
         identity = None
         if self.identity_decoder is not None:
-            identity = self.identity_decoder(z, teacher)  # the teacher feeds skips if it has them
+            # [ours] detached: the identity loss (and L_dist through D_I) do not train the
+            # bottleneck, whose compression then serves restoration alone.
+            shared = z.detach() if self.detach_identity else z
+            identity = self.identity_decoder(shared, teacher)  # the teacher feeds skips if any
         return MDDNetOutput(teacher, restoration, identity, logits, read_ids, attention)
