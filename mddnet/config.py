@@ -150,7 +150,7 @@ class MemoryConfig:
     temperature: float = field(metadata=_min(0.0, exclusive=True))
     mode: MemoryMode
     init: MemoryInit
-    init_step: int = field(metadata=_min(0))
+    init_at: float = field(metadata=_min(0.0))
 
 
 @dataclass(frozen=True)
@@ -565,6 +565,9 @@ def _check_ranges(builder: _Builder, config: Config, path: str) -> None:
     )
     _require(builder, config.train.lr_step_at <= 1, path, "train.lr_step_at", "a fraction <= 1")
     _require(builder, config.calibration.holdout < 1, path, "calibration.holdout", "must be < 1")
+    _require(
+        builder, config.model.memory.init_at < 1, path, "model.memory.init_at", "a fraction < 1"
+    )
     stages = config.model.stages
     _require(
         builder, len(set(stages)) == len(stages) > 0, path, "model.stages", "distinct indices"

@@ -151,14 +151,19 @@ yaml.SafeDumper.add_representer(
 def runs(params: Params, trained: bool) -> dict[str, dict[str, Any]]:
     """`{<variant>-s<seed>: {variant, seed, checkpoint}}` of the trained (or evaluated) runs.
 
-    Chain variants, and variants that evaluate a chain variant's checkpoint, get every seed;
-    the others get the first seed.
+    What the report and figures list is what runs (a pipeline shortens `report.ablation` to
+    skip ablations). Chain variants, and variants that evaluate a chain variant's checkpoint,
+    get every seed; the others get the first seed.
     """
-    chain = set(params.base.report.chain)
+    report, figures = params.base.report, params.base.figures
+    chain = set(report.chain)
+    listed = {*report.chain, *report.ablation, *report.scoring, *report.reproduced}
+    listed |= {report.main_variant, *figures.compare}
+    listed |= {params.variants[name].checkpoint for name in listed} - {None}
     found = {}
     for name, variant in params.variants.items():
         source = variant.checkpoint or name
-        if trained and variant.checkpoint is not None:
+        if name not in listed or (trained and variant.checkpoint is not None):
             continue
         seeds = params.base.seeds if source in chain else params.base.seeds[:1]
         for seed in seeds:

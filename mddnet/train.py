@@ -383,7 +383,7 @@ def _initialise_memory(run: _Run, config: Config) -> None:
     run.model.train()
     generator = torch.Generator().manual_seed(config.seed)
     memory.initialise([torch.cat(points) for points in per_class], generator)
-    log.info("memory initialised by k-means at step %d", config.model.memory.init_step)
+    log.info("memory initialised by k-means at step %d", _memory_init_step(config))
 
 
 def fit(
@@ -466,7 +466,7 @@ def _step(
 ) -> None:
     """One step of the loop: memory initialisation when due, lr, train_step, history."""
     memory = config.model.memory
-    if memory.enabled and memory.init == "kmeans" and state.step == memory.init_step:
+    if memory.enabled and memory.init == "kmeans" and state.step == _memory_init_step(config):
         _initialise_memory(run, config)
     epoch, batch = next(batches)
     lr = _lr(state.step, config)
@@ -486,6 +486,11 @@ def _step(
         log.info(
             "step %d/%d epoch %d: %s", state.step, config.train.steps, epoch, _summary(logged)
         )
+
+
+def _memory_init_step(config: Config) -> int:
+    """The step at which k-means initialises the prototypes: `init_at` of the budget."""
+    return math.floor(config.model.memory.init_at * config.train.steps)
 
 
 def _steps_per_epoch(run: _Run, config: Config) -> int:

@@ -222,7 +222,7 @@ def test_kmeans_initialises_the_memory_once_at_its_step(tiny_config, tmp_path, m
 
     monkeypatch.setattr(ClassAwareMemory, "initialise", spy)
     config = tiny_config("mddnet", steps=2)
-    memory = dataclasses.replace(config.model.memory, init="kmeans", init_step=1)
+    memory = dataclasses.replace(config.model.memory, init="kmeans", init_at=0.2)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, memory=memory))
     fit(config, tmp_path / "k.pt", progress=False)
     # z of 64 px images is 2 x 2 with D = 224: 6 images x 4 positions per class

@@ -109,7 +109,7 @@ def test_unknown_key_in_variant_override_names_file_and_full_path(tmp_path, raw)
     message = str(err.value)
     assert message.startswith(f"{path}: variants.no_cmm.override.model.memroy: unknown key")
     assert (
-        "expected one of: backbone, weights, stages, identity_decoder, identity_skips, memory"
+        "expected one of: backbone, weights, stages, identity_decoder, identity_skips, identity_detached, memory"
         in message
     )
 
@@ -154,7 +154,7 @@ def test_missing_key_is_named(tmp_path, raw) -> None:
         (("calibration", "holdout"), 1.0, "calibration.holdout: must be < 1"),
         (("calibration", "holdout"), -0.1, "calibration.holdout: must be >= 0.0, got -0.1"),
         (("data", "root"), ["a", 3], "data.root: expected str or list of str, got ['a', 3]"),
-        (("model", "memory", "init_step"), -1, "model.memory.init_step: must be >= 0, got -1"),
+        (("model", "memory", "init_at"), -1, "model.memory.init_at: must be >= 0.0, got -1.0"),
     ],
 )
 def test_wrong_type_or_range_names_file_and_key(tmp_path, raw, key, value, expected) -> None:

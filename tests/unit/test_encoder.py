@@ -42,7 +42,7 @@ def _config(**changes: object) -> ModelConfig:
             temperature=0.1,
             mode="replace",
             init="random",
-            init_step=0,
+            init_at=0.0,
         ),
     )
     return dataclasses.replace(base, **changes)

@@ -252,7 +252,7 @@ def test_unpretrained_build_does_not_need_the_weight_source(
 
 def test_memory_params_reach_the_module(params_path: Path) -> None:
     memory = MemoryConfig(
-        enabled=True, prototypes=7, temperature=0.05, mode="gated", init="kmeans", init_step=3
+        enabled=True, prototypes=7, temperature=0.05, mode="gated", init="kmeans", init_at=0.1
     )
     model = _build(_config(params_path, memory=memory))
     assert tuple(model.memory.prototypes.shape) == (NUM_CLASSES, 7, 224)
