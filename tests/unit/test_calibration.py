@@ -53,7 +53,9 @@ def _config(params_path: Path, **evaluate: object) -> Config:
 
 def test_scorer_of_takes_validated_values_from_the_calibration(params_path: Path) -> None:
     config = _config(
-        params_path, fusion={"restoration_identity": "validated"}, image_score="validated"
+        params_path,
+        fusion={"normalise": False, "restoration_identity": "validated"},
+        image_score="validated",
     )
     scorer = Scorer.of(config, _calibration())
     assert scorer.weights == (config.evaluate.fusion.teacher_restoration, 0.25)
@@ -63,7 +65,9 @@ def test_scorer_of_takes_validated_values_from_the_calibration(params_path: Path
 
 
 def test_scorer_of_normalise_uses_the_calibration_statistics(params_path: Path) -> None:
-    config = _config(params_path, fusion={"normalise": True, "restoration_identity": 0.5})
+    config = _config(
+        params_path, fusion={"normalise": True, "restoration_identity": 0.5}, image_score="max"
+    )
     scorer = Scorer.of(config, _calibration())
     assert scorer.weights == (1.0, 0.5) and scorer.image_score == "max"  # the config's own
     mean, std = scorer.statistics.teacher_restoration
@@ -87,7 +91,11 @@ def test_scorer_of_refuses_a_missing_calibration(params_path: Path, evaluate) ->
 
 
 def test_scorer_of_plain_settings_needs_no_calibration(params_path: Path) -> None:
-    config = _config(params_path, fusion={"restoration_identity": 0.5}, image_score="topk_mean")
+    config = _config(
+        params_path,
+        fusion={"normalise": False, "restoration_identity": 0.5},
+        image_score="topk_mean",
+    )
     assert Scorer.of(config, None) == Scorer((1.0, 0.5), None, "topk_mean", config)
 
 

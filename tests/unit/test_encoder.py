@@ -36,6 +36,7 @@ def _config(**changes: object) -> ModelConfig:
         stages=(1, 2, 3),
         identity_decoder=True,
         identity_skips=False,
+        identity_detached=False,
         memory=MemoryConfig(
             enabled=True,
             prototypes=2,

@@ -159,7 +159,8 @@ def test_each_ablation_drops_exactly_its_module(
 def test_restoration_reads_the_memory_and_identity_reads_z(params_path: Path) -> None:
     # With every prototype of class 1 the same vector, replace mode hands D_R the same embedding
     # whatever the image: its output cannot depend on the image, while D_I's does.
-    model = _build(_config(params_path)).eval()
+    memory = dataclasses.replace(load_config(params_path).model.memory, mode="replace")
+    model = _build(_config(params_path, memory=dataclasses.replace(memory, prototypes=4))).eval()
     with torch.no_grad():
         model.memory.prototypes[1] = 0.5
     g = torch.Generator().manual_seed(0)
