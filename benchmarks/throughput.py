@@ -343,9 +343,7 @@ def run_benchmark(
     known = load_params(params, overrides).variants
     unknown = [v for v in variants if v not in known]
     if unknown:
-        raise ValueError(
-            f"{params}: unknown variant {unknown[0]!r}; pick from {', '.join(known)}"
-        )
+        raise ValueError(f"{params}: unknown variant {unknown[0]!r}; pick from {', '.join(known)}")
     load_before = os.getloadavg()
     started = time.perf_counter()
     results: dict[str, Any] = {}
