@@ -84,41 +84,37 @@ class Scorer(NamedTuple):
 
     @classmethod
     def of(cls, config: Config, calibration: Calibration | None) -> Scorer:
-        """Resolve `validated` values and `fusion.normalise` against the calibration."""
-        fusion, settings = config.evaluate.fusion, config.evaluate
-        needs = fusion.normalise or "validated" in (
-            fusion.restoration_identity,
-            settings.image_score,
-        )
-        if needs and calibration is None:
+        """Resolve the `validated` settings of `evaluate` against the calibration."""
+        evaluate, fusion = config.evaluate, config.evaluate.fusion
+        chosen = (fusion.normalise, fusion.restoration_identity, evaluate.image_score)
+        if ("validated" in chosen or fusion.normalise is True) and calibration is None:
             raise CheckpointError(
                 "evaluate.fusion.normalise or a `validated` setting needs the calibration a "
                 "checkpoint gets at the end of training; this checkpoint has none: retrain it"
             )
-        weight = fusion.restoration_identity
-        if weight == "validated":
-            weight = calibration.restoration_identity
-        score = (
-            calibration.image_score
-            if settings.image_score == "validated"
-            else settings.image_score
+
+        def pick(value: Any, chosen: Any) -> Any:
+            return chosen if value == "validated" else value
+
+        normalise = pick(fusion.normalise, calibration and calibration.normalise)
+        weight = pick(
+            fusion.restoration_identity, calibration and calibration.restoration_identity
         )
-        statistics = calibration.map_statistics() if fusion.normalise else None
+        score = pick(evaluate.image_score, calibration and calibration.image_score)
+        statistics = calibration.map_statistics() if normalise else None
         return cls((fusion.teacher_restoration, weight), statistics, score, config)
 
     @classmethod
     def calibrated(cls, config: Config, calibration: Calibration | None) -> Scorer:
-        """The calibration's own scoring (z-scored maps, chosen weight and image score): the one
-        its per-class thresholds were set with, so scores compare across classes."""
+        """The calibration's own scoring (its fusion, weight and image score): the one its
+        per-class thresholds were set with."""
         if calibration is None:
             raise CheckpointError(
                 "this checkpoint has no calibration (written before mddnet 0.2): retrain it"
             )
+        statistics = calibration.map_statistics() if calibration.normalise else None
         return cls(
-            (1.0, calibration.restoration_identity),
-            calibration.map_statistics(),
-            calibration.image_score,
-            config,
+            (1.0, calibration.restoration_identity), statistics, calibration.image_score, config
         )
 
     @torch.no_grad()

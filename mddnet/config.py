@@ -206,13 +206,14 @@ class CalibrationConfig:
     holdout: float = field(metadata=_min(0.0))
     restoration_identity: tuple[float, ...]
     image_score: tuple[ImageScore, ...]
+    margin: float = field(metadata=_min(0.0))
 
 
 @dataclass(frozen=True)
 class FusionConfig:
     """How the two discrepancy maps become one anomaly map."""
 
-    normalise: bool
+    normalise: bool | Validated
     teacher_restoration: float = field(metadata=_min(0.0))
     restoration_identity: float | Validated = field(metadata=_min(0.0))
 

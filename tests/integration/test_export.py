@@ -141,6 +141,7 @@ def test_model_without_memory_ignores_the_class_and_scores_top_k(
     data["config"]["model"]["memory"]["enabled"] = False
     data["config"]["train"]["loss_weights"]["memory"] = 0.0
     data["config"]["evaluate"]["image_score"] = "topk_mean"
+    data["config"]["evaluate"]["fusion"]["normalise"] = False  # raw maps need no class
     save_checkpoint(tmp_path / "no_memory.pt", data)
     trained = load_trained_model(tmp_path / "no_memory.pt")
     session = ort.InferenceSession(

@@ -34,6 +34,7 @@ def _calibration(**changes: object) -> Calibration:
             "teacher_restoration": [[0.0, 2.0], [1.0, 0.5]],
             "restoration_identity": [[0.5, 0.0], [1.0, 2.0]],
         },
+        "normalise": True,
         "restoration_identity": 0.25,
         "image_score": "topk_mean",
         "thresholds": [1.5, 2.5],
@@ -194,6 +195,7 @@ def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_ou
             "calibration": {
                 "restoration_identity": [0.0, 1.0],
                 "image_score": ["max", "topk_mean"],
+                "margin": 0.0,
             },
         },
     )
@@ -202,17 +204,25 @@ def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_ou
     calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
 
     assert calibration.images == 6 and len(calibration.thresholds) == 2
-    # every candidate of the grid was scored, and the chosen one is the first best
-    grid = [(c["restoration_identity"], c["image_score"]) for c in calibration.candidates]
-    assert grid == [(0.0, "max"), (0.0, "topk_mean"), (1.0, "max"), (1.0, "topk_mean")]
+    # the paper's plain sum, then every candidate of the grid on z-scored maps; with margin 0
+    # the chosen one is the first best
+    grid = [
+        (c["normalise"], c["restoration_identity"], c["image_score"])
+        for c in calibration.candidates
+    ]
+    assert grid == [
+        (False, 1.0, "max"),
+        (True, 0.0, "max"),
+        (True, 0.0, "topk_mean"),
+        (True, 1.0, "max"),
+        (True, 1.0, "topk_mean"),
+    ]
     for candidate in calibration.candidates:
         parts = [candidate[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")]
         assert candidate["score"] == pytest.approx(np.mean(parts))
     best = max(calibration.candidates, key=lambda c: c["score"])  # max keeps the first of ties
-    assert (calibration.restoration_identity, calibration.image_score) == (
-        best["restoration_identity"],
-        best["image_score"],
-    )
+    chosen = (calibration.normalise, calibration.restoration_identity, calibration.image_score)
+    assert chosen == (best["normalise"], best["restoration_identity"], best["image_score"])
 
     # Recompute the held-out normals' maps and scores with the calibrated scorer.
     batch = next(iter(DataLoader(NormalDataset(held_out, CLASSES, SIZE), batch_size=6)))
@@ -247,5 +257,22 @@ def test_calibration_without_identity_decoder_tries_only_the_teacher_map(
     torch.manual_seed(0)
     model = build_model(config.model, len(CLASSES)).eval()
     calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
-    assert [c["restoration_identity"] for c in calibration.candidates] == [0.0]
+    assert [c["restoration_identity"] for c in calibration.candidates] == [0.0, 0.0]
     assert set(calibration.statistics) == {"teacher_restoration"}
+
+
+@pytest.mark.slow
+def test_a_candidate_must_beat_the_plain_sum_by_the_margin(params_path: Path, held_out) -> None:
+    overrides = {
+        "model": {"weights": "none"},
+        "data": {"image_size": SIZE},
+        "evaluate": {"batch_size": 6},
+        "calibration": {"restoration_identity": [0.0, 1.0], "margin": 1.0},
+    }
+    config = load_config(params_path, "mddnet", overrides=overrides)
+    torch.manual_seed(0)
+    model = build_model(config.model, len(CLASSES)).eval()
+    calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
+    # no score can exceed another by a whole unit: the paper's plain sum stays
+    assert (calibration.normalise, calibration.restoration_identity) == (False, 1.0)
+    assert calibration.image_score == "max"
