@@ -328,8 +328,9 @@ def ablation_chart(ablation_frame: pd.DataFrame, *, style: str = "whitegrid") ->
             ax.set_title(HEADERS[metric], fontsize=9)
             ax.set_xlabel("%")
         axes[0].set_yticks(y, names, fontsize=7)
-        if reference is not None:
-            axes[-1].legend(loc="lower right", fontsize=7, frameon=False)
+        if reference is not None:  # below the panels: inside, it would cover a row's point
+            handles, labels = axes[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside lower center", fontsize=7, frameon=False)
     return fig
 
 
