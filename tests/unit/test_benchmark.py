@@ -23,7 +23,7 @@ from mddnet.benchmark import (
     writer,
 )
 from mddnet.cli import main
-from mddnet.config import BenchmarkConfig
+from mddnet.config import BenchmarkConfig, load_config
 
 SIZE = 64
 TINY = BenchmarkConfig(
@@ -33,6 +33,9 @@ TINY = BenchmarkConfig(
     test_good_per_class=2,
     test_defect_per_class=3,  # one of each defect type
 )
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -249,3 +252,27 @@ def test_cli_reports_a_bad_size_as_a_one_line_error(
     assert main([*argv, "--image-size", "8"]) == 2
     assert "data.benchmark.image_size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# sha256 over the sorted (path, file sha256) list of a small benchmark: pixels and PNG bytes. The
+# renderer's transcendental math goes through benchmark.portable, so this is the same on every
+# x86-64 CPU (checked under numpy's AVX-512, AVX2 and SSE kernels; issue 14). A change here changes
+# every offline result: bump GENERATOR_VERSION and say why.
+GOLDEN_SIZES = {
+    "image_size": 64,
+    "train_per_class": 2,
+    "test_good_per_class": 1,
+    "test_defect_per_class": 2,
+}
+GOLDEN_SHA256 = "fbdfd58d7feaa4b3a72ad64921b3b4e9dd7f412f1eefb17c11a41f76efcaa85b"
+
+
+def test_the_generated_files_are_the_committed_bytes(tmp_path: Path) -> None:
+    config = load_config(REPO / "params.yaml", overrides={"data": {"benchmark": GOLDEN_SIZES}})
+    root = make_benchmark(tmp_path / "b", config.data.benchmark, 0).root
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    listing = "".join(
+        f"{p.relative_to(root).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n"
+        for p in files
+    )
+    assert hashlib.sha256(listing.encode()).hexdigest() == GOLDEN_SHA256
