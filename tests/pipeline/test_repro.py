@@ -24,7 +24,9 @@ import yaml
 from mddnet.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
+# The first test also builds the module's repository (a whole dvc repro, several minutes on two
+# busy cores), so this module's timeout is three times the suite's 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.notebooks, pytest.mark.timeout(1800)]
 MACHINE_PATH = re.compile(r"[\"'( ](/work/|/tmp/|/home/|/root/|/private/|/Users/)")
 
 
