@@ -145,7 +145,9 @@ def test_each_ablation_drops_exactly_its_module(
     assert (ablated.identity_decoder is None) == (not identity_decoder)
     assert (ablated.memory is None) == (not memory_enabled)
     dropped = 0 if identity_decoder else _count(full.identity_decoder)
-    dropped += 0 if memory_enabled else NUM_CLASSES * 4 * 224  # classes * K * D
+    # prototypes (classes * K * D) and, in gated mode, the 1x1 gate over [z, read-out] (2D + 1)
+    gate = 2 * 224 + 1 if full_config.memory.mode == "gated" else 0
+    dropped += 0 if memory_enabled else NUM_CLASSES * 4 * 224 + gate
     assert _count(full) - _count(ablated) == dropped
     for part in ("teacher", "bottleneck", "restoration_decoder"):
         assert _count(getattr(ablated, part)) == _count(getattr(full, part))
