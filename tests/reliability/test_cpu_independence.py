@@ -70,23 +70,24 @@ def _mddnet(folder: Path, env: dict[str, str], *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _run(folder: Path, env: dict[str, str], isa: str) -> dict[str, str]:
+def _run(folder: Path, env: dict[str, str], isa: str, evaluate: bool = True) -> dict[str, str]:
     """Generate, train and evaluate; sha256 of every file they wrote, by relative path."""
     folder.mkdir()
     params = str(_params(folder, isa))
     _mddnet(folder, env, "make-benchmark", "benchmark", "--params", params)
     _mddnet(folder, env, "train", "--params", params, "--out", "model.pt")
-    _mddnet(
-        folder,
-        env,
-        "evaluate",
-        "--params",
-        params,
-        "--checkpoint",
-        "model.pt",
-        "--metrics-out",
-        "metrics.json",
-    )
+    if evaluate:
+        _mddnet(
+            folder,
+            env,
+            "evaluate",
+            "--params",
+            params,
+            "--checkpoint",
+            "model.pt",
+            "--metrics-out",
+            "metrics.json",
+        )
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
@@ -109,7 +110,7 @@ def test_pinned_kernels_give_the_same_bytes_under_another_instruction_set(tmp_pa
 
 
 def test_without_the_pin_the_instruction_set_changes_the_weights(tmp_path: Path) -> None:
-    _run(tmp_path / "native", {}, "native")
-    _run(tmp_path / "smaller", SMALLER_CPU, "native")
+    _run(tmp_path / "native", {}, "native", evaluate=False)  # the weights suffice
+    _run(tmp_path / "smaller", SMALLER_CPU, "native", evaluate=False)
     one, other = _weights(tmp_path / "native/model.pt"), _weights(tmp_path / "smaller/model.pt")
     assert not all(torch.equal(one[k], other[k]) for k in one)
