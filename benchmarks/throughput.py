@@ -59,6 +59,7 @@ from mddnet.checkpoint import Scorer
 from mddnet.config import Config, load_config, load_params
 from mddnet.device import autocast, memory_format, resolve_device
 from mddnet.io import write_json, write_text
+from mddnet.kernels import cpu_model
 from mddnet.models import build_model
 from mddnet.models.mddnet import MDDNet
 from mddnet.train import make_optimizer, train_step
@@ -298,16 +299,6 @@ def measure_isolated(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         return pool.submit(measure, str(params), variant, mode, settings, overrides).result()
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
