@@ -30,7 +30,7 @@ from PIL import Image
 from mddnet import __version__
 from mddnet.cli import main
 from mddnet.config import config_to_dict, load_config
-from mddnet.data.layout import DatasetError
+from mddnet.data.layout import DatasetError, load_image
 from mddnet.data.prepare import prepare_dataset
 from mddnet.io import load_checkpoint, save_checkpoint
 from mddnet.models import build_model
@@ -370,8 +370,17 @@ def test_odd_but_valid_data_trains_evaluates_and_predicts(params, cli, tmp_path)
     assert list(per_class) == ["café", "metal nut"]
     result = load_predictions(predictions)
     index = {Path(p): i for i, p in enumerate(result.paths)}
-    gray = [result.scores[index[odd[k]]] for k in ("gray", "gray_rgb", "gray_16bit")]
-    assert gray[0] == gray[1] == gray[2]  # gray and 16-bit files read as the same RGB image
+    kinds = ("gray", "gray_rgb", "gray_16bit")
+    # Gray, RGB and 16-bit files of one picture decode to the same RGB pixels...
+    pixels = [np.asarray(load_image(odd[k])) for k in kinds]
+    assert all(np.array_equal(pixels[0], other) for other in pixels[1:])
+    # ... and so score alike, to float32 rounding: once, in a shuffled run under load, they
+    # differed in the 7th digit (2.5245478 vs 2.5245469). They sit at other batch positions, and
+    # in this process the AVX2 pin comes too late (torch already runs its AVX-512 kernels).
+    gray = [result.scores[index[odd[k]]] for k in kinds]
+    assert gray[1] == pytest.approx(gray[0], rel=1e-5) and gray[2] == pytest.approx(
+        gray[0], rel=1e-5
+    )
     size = load_config(params_file).data.image_size
     assert result.fused.shape[1:] == (size, size) == (32, 32)
     # the 240 px mask's top-left quarter at 32 px: 16 x 16 pixels
