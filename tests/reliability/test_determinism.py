@@ -67,13 +67,19 @@ def test_the_same_seed_gives_byte_identical_metrics_json_across_processes(
 
     assert _files(first / "benchmark") == _files(second / "benchmark")  # prepare
     assert len(_files(first / "benchmark")) == 2 * (8 + 2 + 2 + 2)  # images and masks
+    losses = [(f / "out" / "mddnet.losses.csv").read_text().splitlines() for f in (first, second)]
+    assert len(losses[0]) == 1 + 4  # header + train.steps 4
+    # Step by step, so that a failure names the first step whose losses differ.
+    for step, (row, other) in enumerate(zip(*losses, strict=True)):
+        assert row == other, f"losses differ from step {step}: {row} != {other}"
     one, two = (load_checkpoint(f / "out" / "mddnet.pt") for f in (first, second))
     assert one["state_dict"].keys() == two["state_dict"].keys()
-    for name, tensor in one["state_dict"].items():
-        assert torch.equal(tensor, two["state_dict"][name]), name
-    losses = [(f / "out" / "mddnet.losses.csv").read_bytes() for f in (first, second)]
-    assert losses[0] == losses[1]
-    assert len(losses[0].splitlines()) == 1 + 4  # header + train.steps 4
+    differ = {
+        name: float((tensor.double() - two["state_dict"][name].double()).abs().max())
+        for name, tensor in one["state_dict"].items()
+        if not torch.equal(tensor, two["state_dict"][name])
+    }
+    assert not differ, f"{len(differ)} tensors differ (name: max |diff|): {differ}"
     assert one["calibration"] == two["calibration"]  # thresholds and choices too
     metrics = [(f / "out" / "mddnet.json").read_bytes() for f in (first, second)]
     assert metrics[0] == metrics[1]
