@@ -23,6 +23,10 @@ BLOCKS: dict[str, list[tuple[str, str]]] = {
         ("Ablation on bottle + tire (percent)", "results/bottle_tire/tables/ablation.md"),
         ("Scoring maps", "results/bottle_tire/tables/scoring.md"),
     ],
+    "bottle_tire_256": [
+        ("Bottle + tire at 256 px (percent)", "results/bottle_tire_256/tables/ablation.md"),
+        ("Scoring maps at 256 px", "results/bottle_tire_256/tables/scoring.md"),
+    ],
     "mvtec_ad_mini": [
         ("Ablation on mvtec_ad_mini (percent)", "results/mvtec_ad_mini/tables/ablation.md"),
     ],
