@@ -165,6 +165,15 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repro(args: argparse.Namespace) -> int:
+    from mddnet.lanes import repro
+    from mddnet.notebook import project_root
+    from mddnet.pipeline import PipelinePaths
+
+    repro(project_root(), PipelinePaths.for_dataset(args.name), args.lanes)
+    return 0
+
+
 def _params_parent(default_variant: str | None) -> argparse.ArgumentParser:
     """--params, --variant and --seed, shared by the commands that load a run's config."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -192,6 +201,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         "--data-root", nargs="+", default=None, help="MVTec-layout dataset folder(s) for --name"
     )
     p.set_defaults(func=_pipeline)
+    p = sub.add_parser(
+        "repro",
+        help="dvc repro of a pipeline, its trainings in parallel lanes",
+        description="dvc repro of dvc.yaml, or of pipelines/NAME/dvc.yaml, with the stale "
+        "training stages run side by side (DVC runs them one at a time) and recorded with dvc "
+        "commit; the same numbers as dvc repro. Use lanes x cpu.threads <= cores.",
+    )
+    p.add_argument("--name", default=None, help="pipeline name, as for `mddnet pipeline`")
+    p.add_argument("--lanes", type=int, default=2, help="trainings at a time (default: 2)")
+    p.set_defaults(func=_repro)
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:

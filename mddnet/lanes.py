@@ -1,0 +1,186 @@
+"""`mddnet repro --lanes N`: `dvc repro` with a pipeline's trainings run side by side. [ours]
+
+DVC holds one lock per repository, so two `dvc repro` cannot share a checkout, and a pipeline's
+trainings (one per variant and seed: minutes to half an hour each on a CPU) run one after the
+other even where cores are idle. Here the stale `train@...` stages run their own commands, as
+DVC renders them from dvc.yaml, in N lanes; `dvc commit` then records them as `dvc repro` would
+have, and `dvc repro` runs the rest (evaluation, tables, figures). The numbers are those of a
+plain `dvc repro`: every training is the same command with the same seed and thread count.
+
+`dvc commit` records the dependencies as they are when it runs, so they must not change while
+the lanes run: their size and modification time are compared before and after, and nothing is
+recorded if any changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mddnet.errors import MddnetError
+from mddnet.pipeline import PipelinePaths
+
+__all__ = ["Training", "repro", "run_lanes", "snapshot", "stale_trainings"]
+
+TRAIN_STAGE = "train@"  # foreach stages of mddnet.pipeline's `train`
+UPSTREAM_STAGE = "prepare"  # what every training reads (the dataset summary)
+
+
+@dataclass(frozen=True)
+class Training:
+    """One stale training stage: its DVC address, rendered command and dependency paths."""
+
+    address: str  # e.g. pipelines/bottle_tire/dvc.yaml:train@mddnet-s0
+    cmd: str
+    cwd: Path  # the stage's wdir, where `cmd` runs
+    deps: tuple[Path, ...]  # files and folders it reads, params files included
+
+    @property
+    def key(self) -> str:
+        return self.address.split(TRAIN_STAGE, 1)[1]
+
+
+@contextmanager
+def _inside(folder: Path) -> Iterator[None]:
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def stale_trainings(root: Path, dvc_yaml: str) -> list[Training]:
+    """The training stages of `dvc_yaml` that `dvc status` finds changed, in dvc.yaml's order."""
+    from dvc.repo import Repo  # DVC renders foreach/${...} itself: no second parser here
+
+    with _inside(root), Repo(str(root)) as repo:  # DVC resolves targets from the cwd
+        changed = set(repo.status(targets=[dvc_yaml]))
+        stages = [
+            stage
+            for stage in repo.stage.collect(dvc_yaml)
+            if TRAIN_STAGE in stage.addressing and stage.addressing in changed
+        ]
+        return [
+            Training(
+                address=stage.addressing,
+                cmd=stage.cmd,
+                cwd=Path(stage.wdir),
+                deps=tuple(sorted({Path(dep.fs_path) for dep in stage.deps})),  # params too
+            )
+            for stage in stages
+        ]
+
+
+def snapshot(paths: Iterable[Path]) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of every file under `paths`; a missing path is recorded as absent."""
+    seen: dict[str, tuple[int, int]] = {}
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat() if file.exists() else None
+            seen[str(file)] = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+    return seen
+
+
+def run_lanes(
+    trainings: Sequence[Training],
+    lanes: int,
+    logs: Path,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
+    """Run the trainings' commands, `lanes` at a time, each logged to `logs/<key>.log`.
+
+    Returns the addresses of those that failed; the others keep running when one fails.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    total = len(trainings)
+
+    def run(training: Training) -> bool:
+        log = logs / f"{training.key}.log"
+        echo(f"{time.strftime('%H:%M:%S')} start {training.key} (log: {log})")
+        start = time.monotonic()
+        with log.open("w") as out:
+            done = subprocess.run(
+                training.cmd,
+                shell=True,
+                cwd=training.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_environment(),
+            )
+        verdict = "done" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
+        echo(
+            f"{time.strftime('%H:%M:%S')} {verdict} {training.key} "
+            f"in {time.monotonic() - start:.0f} s"
+        )
+        return done.returncode == 0
+
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        succeeded = list(pool.map(run, trainings))
+    echo(f"{sum(succeeded)} of {total} trainings done")
+    return [t.address for t, ok in zip(trainings, succeeded, strict=True) if not ok]
+
+
+def _environment() -> dict[str, str]:
+    """This interpreter's bin folder first on PATH: the stage commands call `python`, and `dvc`
+    must be the one installed beside mddnet, also when the environment is not activated."""
+    here = str(Path(sys.executable).parent)
+    return os.environ | {"PATH": os.pathsep.join([here, os.environ.get("PATH", "")])}
+
+
+def _dvc(*args: str, root: Path) -> None:
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, env=_environment())
+
+
+def _threads_note(root: Path, paths: PipelinePaths, lanes: int) -> str | None:
+    """A warning when lanes x torch threads exceed the cores (the runs would slow each other)."""
+    from mddnet.config import load_config
+
+    threads = load_config(root / paths.params).cpu.threads or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    if lanes * threads <= cores:
+        return None
+    return (
+        f"{lanes} lanes x cpu.threads {threads} = {lanes * threads} threads on {cores} cores: "
+        f"the trainings will slow each other; set cpu.threads: 1 in {paths.params} or use fewer "
+        f"lanes (the numbers depend on cpu.threads, so keep it as the results were made with)"
+    )
+
+
+def repro(
+    root: Path, paths: PipelinePaths, lanes: int, echo: Callable[[str], None] = print
+) -> None:
+    """`dvc repro` of one pipeline, with its stale trainings run in `lanes` parallel lanes."""
+    if lanes < 1:
+        raise MddnetError(f"--lanes must be at least 1, got {lanes}")
+    _dvc("repro", f"{paths.dvc_yaml}:{UPSTREAM_STAGE}", root=root)
+    trainings = stale_trainings(root, paths.dvc_yaml)
+    if trainings:
+        note = _threads_note(root, paths, lanes)
+        if note:
+            echo(f"warning: {note}")
+        deps = {path for t in trainings for path in t.deps}
+        before = snapshot(deps)
+        failed = run_lanes(trainings, lanes, root / paths.artifacts / "logs", echo)
+        if snapshot(deps) != before:
+            raise MddnetError(
+                "a dependency of the trainings (code, notebook, params or data) changed while "
+                "they ran, so none is recorded: run `mddnet repro` again on an unchanged tree"
+            )
+        recorded = [t.address for t in trainings if t.address not in failed]
+        if recorded:
+            _dvc("commit", "--force", *recorded, root=root)
+        if failed:
+            raise MddnetError(
+                f"{len(failed)} training(s) failed: {', '.join(failed)}; the others are "
+                f"recorded. See {paths.artifacts}/logs/<run>.log and run `mddnet repro` again"
+            )
+    _dvc("repro", paths.dvc_yaml, root=root)

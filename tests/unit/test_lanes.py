@@ -1,0 +1,160 @@
+"""`mddnet repro --lanes`: trainings side by side, recorded as `dvc repro` would record them.
+
+The lanes are checked with commands that log their start and end times; the whole flow runs in
+a throwaway DVC repository whose `train` stage has the shape `mddnet pipeline` renders (foreach
+over runs, a `prepare` stage upstream), and DVC itself then says whether everything is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mddnet.errors import MddnetError
+from mddnet.lanes import Training, repro, run_lanes, snapshot
+from mddnet.pipeline import PipelinePaths
+
+PY = sys.executable
+
+
+def _stamping(tmp_path: Path, key: str, seconds: float, exit_code: int = 0) -> Training:
+    """A training that writes its start and end times to <key>.json and exits with `exit_code`."""
+    stamp = tmp_path / f"{key}.json"
+    script = (
+        f"import json, sys, time; s = time.time(); time.sleep({seconds}); "
+        f"json.dump([s, time.time()], open({str(stamp)!r}, 'w')); print('trained {key}'); "
+        f"sys.exit({exit_code})"
+    )
+    return Training(f"dvc.yaml:train@{key}", f'"{PY}" -c "{script}"', tmp_path, ())
+
+
+def test_two_lanes_overlap_and_a_failure_spares_the_others(tmp_path: Path) -> None:
+    trainings = [_stamping(tmp_path, "a", 1.0), _stamping(tmp_path, "b", 1.0, exit_code=3)]
+    trainings.append(_stamping(tmp_path, "c", 0.1))
+    lines: list[str] = []
+
+    failed = run_lanes(trainings, 2, tmp_path / "logs", lines.append)
+
+    assert failed == ["dvc.yaml:train@b"]
+    (a0, a1), (b0, b1) = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "ab")
+    assert b0 < a1 and a0 < b1  # a and b ran at the same time
+    c0, _ = json.loads((tmp_path / "c.json").read_text())
+    assert c0 >= min(a1, b1) - 0.05  # c waited for a free lane
+    assert (tmp_path / "logs" / "b.log").read_text() == "trained b\n"
+    assert any("FAILED (exit 3) b" in line for line in lines)
+    assert lines[-1] == "2 of 3 trainings done"
+
+
+def test_one_lane_runs_in_order(tmp_path: Path) -> None:
+    trainings = [_stamping(tmp_path, key, 0.2) for key in "ab"]
+    assert run_lanes(trainings, 1, tmp_path / "logs", lambda _: None) == []
+    (_, a1), (b0, _) = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "ab")
+    assert b0 >= a1
+
+
+def test_snapshot_sees_an_edit_and_a_new_file(tmp_path: Path) -> None:
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "a.py").write_text("x = 1\n")
+    single = tmp_path / "params.yaml"
+    single.write_text("a: 1\n")
+    before = snapshot([folder, single])
+    assert snapshot([folder, single]) == before
+    (folder / "b.py").write_text("")
+    assert snapshot([folder, single]) != before
+    before = snapshot([folder, single])
+    single.write_text("a: 12\n")
+    assert snapshot([folder, single]) != before
+
+
+# -- the whole flow in a throwaway DVC repository ---------------------------------------------
+
+DVC_YAML = """\
+stages:
+  prepare:
+    cmd: echo prepared > prepared.txt
+    outs: [prepared.txt]
+  train:
+    foreach:
+      a-s0: {variant: a, seed: 0}
+      a-s1: {variant: a, seed: 1}
+      b-s0: {variant: b, seed: 0}
+    do:
+      cmd: %s
+      deps: [prepared.txt, code.txt]
+      params: [train.steps]
+      outs:
+      - out/${key}.txt
+  tables:
+    cmd: cat out/a-s0.txt out/a-s1.txt out/b-s0.txt > table.txt
+    deps: [out/a-s0.txt, out/a-s1.txt, out/b-s0.txt]
+    outs: [table.txt]
+"""
+
+
+def _dvc_repo(tmp_path: Path, params_path: Path, train_cmd: str) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text(DVC_YAML % train_cmd)
+    params = {"extends": str(params_path), "cpu": {"threads": 1}, "train": {"steps": 3}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "code.txt").write_text("v1\n")
+    return root
+
+
+def _stale(root: Path) -> dict:
+    status = subprocess.run(
+        [PY, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=True
+    )
+    return json.loads(status.stdout)
+
+
+TRAIN = "mkdir -p out && echo ${item.variant} ${item.seed} > out/${key}.txt"
+
+
+@pytest.mark.slow
+def test_repro_records_parallel_trainings_as_dvc_repro_would(tmp_path, params_path) -> None:
+    root = _dvc_repo(tmp_path, params_path, TRAIN)
+    lines: list[str] = []
+
+    repro(root, PipelinePaths(), lanes=2, echo=lines.append)
+
+    assert _stale(root) == {}  # DVC finds every stage recorded and up to date
+    assert (root / "table.txt").read_text() == "a 0\na 1\nb 0\n"
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert {"train@a-s0", "train@a-s1", "train@b-s0", "tables"} <= set(lock)
+    assert (root / "artifacts" / "logs" / "b-s0.log").is_file()
+
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("3", "4"))
+    assert set(_stale(root)) == {"train@a-s0", "train@a-s1", "train@b-s0"}
+    lines.clear()
+    repro(root, PipelinePaths(), lanes=2, echo=lines.append)
+    assert _stale(root) == {}
+    assert lines[-1] == "3 of 3 trainings done"
+
+
+@pytest.mark.slow
+def test_a_dependency_edited_during_the_run_records_nothing(tmp_path, params_path) -> None:
+    root = _dvc_repo(tmp_path, params_path, f"echo v2 >> code.txt && {TRAIN}")
+    with pytest.raises(MddnetError, match="changed while they ran, so none is recorded"):
+        repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
+    assert not (root / "dvc.lock").exists() or "train@" not in (root / "dvc.lock").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_training_is_named_and_the_others_are_recorded(tmp_path, params_path) -> None:
+    root = _dvc_repo(tmp_path, params_path, TRAIN + " && test ${item.variant} = a")
+    with pytest.raises(MddnetError, match=r"1 training\(s\) failed: train@b-s0;"):
+        repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
+    assert set(_stale(root)) == {"train@b-s0", "tables"}
+
+
+def test_lanes_below_one_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(MddnetError, match="--lanes must be at least 1, got 0"):
+        repro(tmp_path, PipelinePaths(), lanes=0)
