@@ -405,7 +405,9 @@ def _keys(node: object, prefix: str = "") -> set[str]:
     return set().union(*(_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in node.items()))
 
 
-@pytest.mark.parametrize("name", ["paper_mvtec.yaml", "paper_visa.yaml", "mvtec_folder.yaml"])
+@pytest.mark.parametrize(
+    "name", ["paper_mvtec.yaml", "paper_visa.yaml", "mvtec_folder.yaml", "mvtec_folder_256.yaml"]
+)
 def test_configs_extend_params_and_load_with_every_variant(
     repo: Path, params_path: Path, name: str, monkeypatch
 ) -> None:
@@ -422,3 +424,5 @@ def test_configs_extend_params_and_load_with_every_variant(
         monkeypatch.setenv("MDDNET_DATA_ROOT", "/somewhere")
         assert config.data.root_paths() == (Path("/somewhere"),)
         assert config.model.weights == "efficientnet_lite0" and not config.data.generate
+        size, sigma = (256, 4.0) if name.endswith("_256.yaml") else (128, 2.0)
+        assert (config.data.image_size, config.evaluate.blur_sigma) == (size, sigma)
