@@ -57,7 +57,7 @@ LAYERS: list[set[str]] = [
     {"mddnet.calibration", "mddnet.reference"},
     {"mddnet.checkpoint"},
     {"mddnet.train", "mddnet.evaluate", "mddnet.report", "mddnet.plots", "mddnet.pipeline"},
-    {"mddnet.predict", "mddnet.export", "mddnet.notebook", "mddnet.cli"},
+    {"mddnet.predict", "mddnet.export", "mddnet.notebook", "mddnet.lanes", "mddnet.cli"},
 ]
 # Extra rules of DESIGN.md beyond the layer order.
 FORBIDDEN = {
