@@ -49,6 +49,8 @@ class Training:
 
 @contextmanager
 def _inside(folder: Path) -> Iterator[None]:
+    """Run in `folder`: DVC's Python API resolves targets and names stages (`addressing`, the
+    names `dvc commit` takes) relative to the cwd, and `_dvc` runs there too."""
     before = Path.cwd()
     os.chdir(folder)
     try:
@@ -61,7 +63,7 @@ def stale_trainings(root: Path, dvc_yaml: str) -> list[Training]:
     """The training stages of `dvc_yaml` that `dvc status` finds changed, in dvc.yaml's order."""
     from dvc.repo import Repo  # DVC renders foreach/${...} itself: no second parser here
 
-    with _inside(root), Repo(str(root)) as repo:  # DVC resolves targets from the cwd
+    with _inside(root), Repo(str(root)) as repo:
         changed = set(repo.status(targets=[dvc_yaml]))
         stages = [
             stage
