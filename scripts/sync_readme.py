@@ -29,6 +29,13 @@ BLOCKS: dict[str, list[tuple[str, str]]] = {
         ("Bottle + tire at 256 px (percent)", "results/bottle_tire_256/tables/ablation.md"),
         ("Scoring maps at 256 px", "results/bottle_tire_256/tables/scoring.md"),
     ],
+    "bottle_tire_256_4k": [
+        (
+            "Bottle + tire at 256 px, 4,000 steps (percent)",
+            "results/bottle_tire_256_4k/tables/ablation.md",
+        ),
+        ("Scoring maps at 256 px, 4,000 steps", "results/bottle_tire_256_4k/tables/scoring.md"),
+    ],
     "mvtec_ad_mini": [
         ("Ablation on mvtec_ad_mini (percent)", "results/mvtec_ad_mini/tables/ablation.md"),
     ],
@@ -47,6 +54,7 @@ BLOCKS: dict[str, list[tuple[str, str]]] = {
 SUMMARY: list[tuple[str, str]] = [
     ("mvtec_ad_mini_256", "15 classes"),
     ("mvtec_ad_bottle", "1 class"),
+    ("bottle_tire_256_4k", "2 classes"),
     ("bottle_tire_256", "2 classes"),
     ("mvtec_ad_mini", "15 classes"),
     ("bottle_tire", "2 classes"),
@@ -63,18 +71,21 @@ def _mean_sd(row: dict[str, str]) -> str:
 def summary_block() -> list[str]:
     """The summary table's lines; a pipeline not yet run has no row."""
     lines = [
-        "| set (one model for all its classes) | input px | MDD-Net: I-AUROC / P-AUROC / AUPRO "
-        "| RD baseline | MDD-Net against RD |",
-        "|---|---|---|---|---|",
+        "| set (one model for all its classes) | input px | steps "
+        "| MDD-Net: I-AUROC / P-AUROC / AUPRO | RD baseline | MDD-Net against RD |",
+        "|---|---|---|---|---|---|",
     ]
     for name, classes in SUMMARY:
         path = REPO / f"results/{name}/tables/ablation.csv"
         if path.is_file():
             rows = {row["variant"]: row for row in csv.DictReader(path.open(encoding="utf-8"))}
-            size = re.search(r"input (\d+)x\d+ px", path.with_suffix(".md").read_text())[1]
+            caption = path.with_suffix(".md").read_text()
+            size = re.search(r"input (\d+)x\d+ px", caption)[1]
+            steps = int(re.search(r"(\d+) training steps", caption)[1])
             mddnet, rd = rows["mddnet"], rows["rd_baseline"]
             verdict = " / ".join(VERDICT[mddnet[f"{m}_mark"]] for m in HEADLINE)
-            cells = [f"`{name}` ({classes})", size, _mean_sd(mddnet), _mean_sd(rd), verdict]
+            cells = [f"`{name}` ({classes})", size, f"{steps:,}", _mean_sd(mddnet)]
+            cells += [_mean_sd(rd), verdict]
             lines.append(f"| {' | '.join(cells)} |")
     return lines
 
