@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mddnet.errors import MddnetError
-from mddnet.lanes import Training, repro, run_lanes, snapshot
+from mddnet.lanes import Training, longest_first, repro, run_lanes, snapshot
 from mddnet.pipeline import PipelinePaths
 
 PY = sys.executable
@@ -57,6 +57,26 @@ def test_one_lane_runs_in_order(tmp_path: Path) -> None:
     assert b0 >= a1
 
 
+def test_longest_first_starts_the_two_decoder_runs_and_keeps_ties_in_order(
+    tmp_path: Path, params_path: Path
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"extends": str(params_path), "train": {"steps": 10}}))
+    keys = ["rd_baseline-s0", "restoration_only-s0", "mddnet-s0", "rd_baseline-s1", "drd_net-s1"]
+    trainings = [Training(f"dvc.yaml:train@{key}", "true", tmp_path, ()) for key in keys]
+
+    ordered = [t.key for t in longest_first(trainings, params)]
+
+    # cost = steps x decoders: 20 for mddnet and drd_net, 10 for the one-decoder runs
+    assert ordered == [
+        "mddnet-s0",
+        "drd_net-s1",
+        "rd_baseline-s0",
+        "restoration_only-s0",
+        "rd_baseline-s1",
+    ]
+
+
 def test_snapshot_sees_an_edit_and_a_new_file(tmp_path: Path) -> None:
     folder = tmp_path / "code"
     folder.mkdir()
@@ -81,9 +101,9 @@ stages:
     outs: [prepared.txt]
   train:
     foreach:
-      a-s0: {variant: a, seed: 0}
-      a-s1: {variant: a, seed: 1}
-      b-s0: {variant: b, seed: 0}
+      rd_baseline-s0: {variant: rd_baseline, seed: 0}
+      rd_baseline-s1: {variant: rd_baseline, seed: 1}
+      mddnet-s0: {variant: mddnet, seed: 0}
     do:
       cmd: %s
       deps: [prepared.txt, code.txt]
@@ -91,8 +111,8 @@ stages:
       outs:
       - out/${key}.txt
   tables:
-    cmd: cat out/a-s0.txt out/a-s1.txt out/b-s0.txt > table.txt
-    deps: [out/a-s0.txt, out/a-s1.txt, out/b-s0.txt]
+    cmd: cat out/rd_baseline-s0.txt out/rd_baseline-s1.txt out/mddnet-s0.txt > table.txt
+    deps: [out/rd_baseline-s0.txt, out/rd_baseline-s1.txt, out/mddnet-s0.txt]
     outs: [table.txt]
 """
 
@@ -126,13 +146,15 @@ def test_repro_records_parallel_trainings_as_dvc_repro_would(tmp_path, params_pa
     repro(root, PipelinePaths(), lanes=2, echo=lines.append)
 
     assert _stale(root) == {}  # DVC finds every stage recorded and up to date
-    assert (root / "table.txt").read_text() == "a 0\na 1\nb 0\n"
+    assert (root / "table.txt").read_text() == "rd_baseline 0\nrd_baseline 1\nmddnet 0\n"
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert {"train@a-s0", "train@a-s1", "train@b-s0", "tables"} <= set(lock)
-    assert (root / "artifacts" / "logs" / "b-s0.log").is_file()
+    assert {"train@rd_baseline-s0", "train@rd_baseline-s1", "train@mddnet-s0", "tables"} <= set(
+        lock
+    )
+    assert (root / "artifacts" / "logs" / "mddnet-s0.log").is_file()
 
     (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("3", "4"))
-    assert set(_stale(root)) == {"train@a-s0", "train@a-s1", "train@b-s0"}
+    assert set(_stale(root)) == {"train@rd_baseline-s0", "train@rd_baseline-s1", "train@mddnet-s0"}
     lines.clear()
     repro(root, PipelinePaths(), lanes=2, echo=lines.append)
     assert _stale(root) == {}
@@ -149,10 +171,10 @@ def test_a_dependency_edited_during_the_run_records_nothing(tmp_path, params_pat
 
 @pytest.mark.slow
 def test_a_failed_training_is_named_and_the_others_are_recorded(tmp_path, params_path) -> None:
-    root = _dvc_repo(tmp_path, params_path, TRAIN + " && test ${item.variant} = a")
-    with pytest.raises(MddnetError, match=r"1 training\(s\) failed: train@b-s0;"):
+    root = _dvc_repo(tmp_path, params_path, TRAIN + " && test ${item.variant} = rd_baseline")
+    with pytest.raises(MddnetError, match=r"1 training\(s\) failed: train@mddnet-s0;"):
         repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
-    assert set(_stale(root)) == {"train@b-s0", "tables"}
+    assert set(_stale(root)) == {"train@mddnet-s0", "tables"}
 
 
 def test_lanes_below_one_is_refused(tmp_path: Path) -> None:
