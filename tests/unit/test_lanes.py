@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mddnet.errors import MddnetError
-from mddnet.lanes import Training, longest_first, repro, run_lanes, snapshot
+from mddnet.lanes import Training, _threads_note, longest_first, repro, run_lanes, snapshot
 from mddnet.pipeline import PipelinePaths
 
 PY = sys.executable
@@ -75,6 +75,22 @@ def test_longest_first_starts_the_two_decoder_runs_and_keeps_ties_in_order(
         "restoration_only-s0",
         "rd_baseline-s1",
     ]
+
+
+@pytest.mark.parametrize(("threads", "lanes", "advice"), [(1, 3, False), (2, 2, True)])
+def test_threads_warning_advises_one_thread_only_where_it_is_not_set(
+    tmp_path: Path, params_path: Path, monkeypatch, threads: int, lanes: int, advice: bool
+) -> None:
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"extends": str(params_path), "cpu": {"threads": threads}})
+    )
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+
+    note = _threads_note(tmp_path, PipelinePaths(), lanes)
+
+    assert note is not None and f"{lanes * threads} threads on 2 cores" in note
+    assert ("set cpu.threads: 1" in note) is advice
+    assert _threads_note(tmp_path, PipelinePaths(), 2 // threads) is None
 
 
 def test_snapshot_sees_an_edit_and_a_new_file(tmp_path: Path) -> None:
