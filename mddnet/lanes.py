@@ -49,7 +49,7 @@ class Training:
 
     @property
     def variant(self) -> str:
-        return self.key.rsplit(SEED_SEPARATOR, 1)[0]  # keys are <variant>-s<seed>
+        return self.key.rsplit(SEED_SEPARATOR, 1)[0]
 
 
 @contextmanager
