@@ -102,11 +102,30 @@ def _make_benchmark(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mddnet.calibration import calibrate_checkpoint
     from mddnet.train import fit
 
     config = _load(args)
     result = fit(config, args.out, losses_csv=args.losses_csv, resume=not args.restart)
-    print(f"wrote {result.checkpoint} ({result.steps} steps, {result.wall_time_s:.0f} s)")
+    calibrate_checkpoint(config, result.checkpoint, result.checkpoint)
+    print(
+        f"wrote {result.checkpoint} ({result.steps} steps, {result.wall_time_s:.0f} s; calibrated)"
+    )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from mddnet.calibration import calibrate_checkpoint
+
+    config = _load(args)
+    out = args.out or args.checkpoint
+    chosen = calibrate_checkpoint(config, args.checkpoint, out)
+    scales = "summed" if chosen.scale_weights is None else chosen.scale_weights
+    print(
+        f"wrote {out}: {'z-scored maps' if chosen.normalise else 'plain sum'}, scales "
+        f"{scales}, RI weight {chosen.restoration_identity}, image score {chosen.image_score}, "
+        f"on {chosen.images} held-out normals"
+    )
     return 0
 
 
@@ -221,6 +240,20 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--losses-csv", default=None, help="per-step losses (default: beside --out)")
     p.add_argument("--restart", action="store_true", help="ignore an interrupted run's state")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "calibrate",
+        parents=[_params_parent("mddnet")],
+        help="(re)calibrate a trained checkpoint on its held-out training normals",
+        description="Choose the fusion, per-scale weights and image score on synthetic anomalies "
+        "of the training normals the run held out, and set per-class thresholds; `mddnet train` "
+        "does this already. The params give the calibration settings.",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by `mddnet train`")
+    p.add_argument(
+        "--out", default=None, help="calibrated checkpoint to write (default: in place)"
+    )
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser(
         "evaluate",

@@ -204,6 +204,7 @@ class CalibrationConfig:
     """Per-class map statistics and scoring choices made on held-out training normals."""
 
     holdout: float = field(metadata=_min(0.0))
+    scale_weights: tuple[tuple[float, ...], ...]  # [ours] one weight per teacher scale each
     restoration_identity: tuple[float, ...]
     image_score: tuple[ImageScore, ...]
     margin: float = field(metadata=_min(0.0))
@@ -214,6 +215,7 @@ class FusionConfig:
     """How the two discrepancy maps become one anomaly map."""
 
     normalise: bool | Validated
+    scale_weights: tuple[float, ...] | Validated | None  # None: the plain sum over scales
     teacher_restoration: float = field(metadata=_min(0.0))
     restoration_identity: float | Validated = field(metadata=_min(0.0))
 
@@ -572,6 +574,27 @@ def _check_ranges(builder: _Builder, config: Config, path: str) -> None:
     stages = config.model.stages
     _require(
         builder, len(set(stages)) == len(stages) > 0, path, "model.stages", "distinct indices"
+    )
+    fixed = config.evaluate.fusion.scale_weights
+    candidates = {
+        "calibration.scale_weights": config.calibration.scale_weights,
+        "evaluate.fusion.scale_weights": (fixed,) if isinstance(fixed, tuple) else (),
+    }
+    for key, weights in candidates.items():
+        _require(
+            builder,
+            all(len(w) == len(stages) and min(w) >= 0 < max(w) for w in weights),
+            path,
+            key,
+            f"each entry needs one weight >= 0 per teacher scale ({len(stages)}, model.stages), "
+            f"not all 0; got {[list(w) for w in weights]}",
+        )
+    _require(
+        builder,
+        len(config.calibration.scale_weights) > 0,
+        path,
+        "calibration.scale_weights",
+        "list at least one candidate (e.g. [[1, 1, 1]], the plain sum over three scales)",
     )
     seeds = config.seeds
     _require(

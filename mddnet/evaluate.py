@@ -207,6 +207,7 @@ def evaluate_checkpoint(
         "train_wall_time_s": trained.info["train_wall_time_s"],
         "scoring": {
             "weights": list(scorer.weights),
+            "scale_weights": None if scorer.scale_weights is None else list(scorer.scale_weights),
             "normalised": scorer.statistics is not None,
             "image_score": scorer.image_score,
         },

@@ -108,7 +108,7 @@ class InferenceGraph(nn.Module):
         """`image` (B, 3, S, S) ImageNet-normalised; `class_id` (B,) int64, < 0 = predicted."""
         scorer, settings = self.scorer, self.scorer.config.evaluate
         output = self.model(image, class_id)
-        maps = anomaly_maps(output, image.shape[-2:], settings.blur_sigma)
+        maps = anomaly_maps(output, image.shape[-2:], settings.blur_sigma, scorer.scale_weights)
         read_ids = class_id if output.class_ids is None else output.class_ids
         fused = fuse(maps, scorer.weights, scorer.statistics, read_ids)  # (B, S, S)
         score = image_scores(fused, scorer.image_score, settings.topk)  # (B,)

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mddnet.config import Cosine, DiscrepancyGradient, DiscrepancyTarget, LossWeights, Reduction
-from mddnet.scoring import cosine_distance
 
 if TYPE_CHECKING:
     from mddnet.models.mddnet import MDDNetOutput
@@ -34,6 +33,7 @@ __all__ = [
     "LossTerms",
     "PixelCounter",
     "compute_losses",
+    "cosine_distance",
     "discrepancy_loss",
     "discrepancy_target",
     "feature_cosine_loss",
@@ -49,6 +49,20 @@ class LossTerms(NamedTuple):
     identity: Tensor
     discrepancy: Tensor
     memory: Tensor
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - cosine over channels at every position: (B, C, h, w) x 2 -> (B, h, w).
+
+    The one discrepancy of the method: every loss term, and every anomaly map
+    (`mddnet.scoring`), is built from it.
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"feature maps differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}: the decoder "
+            f"mirrors the teacher only when the image size is a multiple of the bottleneck stride"
+        )
+    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1)  # fp32 under autocast too
 
 
 def _scale_pairs(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:

@@ -36,11 +36,12 @@ __all__ = [
 NOTEBOOKS = {
     "prepare": "notebooks/01_prepare_data.ipynb",
     "train": "notebooks/02_train.ipynb",
-    "evaluate": "notebooks/03_evaluate.ipynb",
-    "reference": "notebooks/04_reference.ipynb",
-    "main_results": "notebooks/05_main_results.ipynb",
-    "ablations": "notebooks/06_ablations.ipynb",
-    "figures": "notebooks/07_figures.ipynb",
+    "calibrate": "notebooks/03_calibrate.ipynb",
+    "evaluate": "notebooks/04_evaluate.ipynb",
+    "reference": "notebooks/05_reference.ipynb",
+    "main_results": "notebooks/06_main_results.ipynb",
+    "ablations": "notebooks/07_ablations.ipynb",
+    "figures": "notebooks/08_figures.ipynb",
 }
 
 _SETUP = ["mddnet/__init__.py", "mddnet/config.py", "mddnet/errors.py", "mddnet/io.py"]
@@ -48,12 +49,14 @@ _SETUP = ["mddnet/__init__.py", "mddnet/config.py", "mddnet/errors.py", "mddnet/
 _SHOWN = ["mddnet/metrics.py", "mddnet/predictions.py", "mddnet/report.py", "mddnet/plots.py"]
 _SESSION = [*_SETUP, "mddnet/kernels.py", "mddnet/notebook.py", "mddnet/seed.py"]
 _DATA = ["mddnet/data/__init__.py", "mddnet/data/layout.py"]
-_MODEL = ["mddnet/models", "mddnet/imagenet.py", "mddnet/device.py", "mddnet/scoring.py"]
-_TRAINED = [
+_MODEL = ["mddnet/models", "mddnet/imagenet.py", "mddnet/device.py"]
+_IMAGES = ["mddnet/data/anomalies.py", "mddnet/data/datasets.py"]
+# Scoring a trained model: how maps are made and fused never reaches a training stage.
+_SCORED = [
     *_MODEL,
-    "mddnet/data/anomalies.py",
-    "mddnet/data/datasets.py",
-    "mddnet/calibration.py",
+    *_IMAGES,
+    "mddnet/losses.py",
+    "mddnet/scoring.py",
     "mddnet/checkpoint.py",
     "mddnet/metrics.py",
 ]
@@ -63,18 +66,22 @@ STAGE_MODULES = {
     "train": [
         *_SESSION,
         *_DATA,
-        *_TRAINED,
+        *_MODEL,
+        *_IMAGES,
         "mddnet/distributed.py",
         "mddnet/losses.py",
+        "mddnet/metrics.py",
         "mddnet/train.py",
     ],
-    "evaluate": [*_SESSION, *_DATA, *_TRAINED, "mddnet/evaluate.py", "mddnet/predictions.py"],
+    "calibrate": [*_SESSION, *_DATA, *_SCORED, "mddnet/calibration.py"],
+    "evaluate": [*_SESSION, *_DATA, *_SCORED, "mddnet/evaluate.py", "mddnet/predictions.py"],
     "reference": [
         *_SESSION,
         *_DATA,
         *_MODEL,
-        "mddnet/data/anomalies.py",
-        "mddnet/data/datasets.py",
+        *_IMAGES,
+        "mddnet/losses.py",
+        "mddnet/scoring.py",
         "mddnet/metrics.py",
         "mddnet/reference.py",
     ],
@@ -82,14 +89,16 @@ STAGE_MODULES = {
     "ablations": [*_SESSION, "mddnet/metrics.py", "mddnet/report.py"],
     "figures": [*_SESSION, *_DATA, *_SHOWN],
 }
-# The evaluate settings that calibration, at the end of training, scores validation images with.
+# The settings calibration scores validation images with (the model is the checkpoint's).
 _CALIBRATION_KEYS = [
-    f"evaluate.{k}" for k in ("batch_size", "blur_sigma", "topk", "aupro_fpr_limit")
+    *(f"evaluate.{k}" for k in ("batch_size", "blur_sigma", "topk", "aupro_fpr_limit")),
+    *(f"train.{k}" for k in ("device", "channels_last", "precision")),
 ]
 # The params sections each stage reads (the run's variant override comes on top for runs).
 STAGE_SECTIONS = {
     "prepare": ["cpu", "data", "figures"],
-    "train": ["cpu", "data", "model", "train", "calibration", *_CALIBRATION_KEYS],
+    "train": ["cpu", "data", "model", "train", "calibration.holdout"],
+    "calibrate": ["cpu", "data", "calibration", *_CALIBRATION_KEYS],
     "evaluate": ["cpu", "data", "model", "train", "evaluate"],
     "reference": ["cpu", "data", "model", "evaluate", "reference"],
     "main_results": ["data", "model", "report"],
@@ -126,7 +135,12 @@ class PipelinePaths:
         )
 
     def checkpoint(self, run: str) -> str:
+        """A trained run's checkpoint, as training wrote it."""
         return f"{self.artifacts}/checkpoints/{run}.pt"
+
+    def model(self, run: str) -> str:
+        """A trained run's calibrated checkpoint: the one evaluation and users load."""
+        return f"{self.artifacts}/models/{run}.pt"
 
     def executed(self, stage: str, run: str | None = None) -> str:
         """Where papermill keeps a stage's executed notebook (one folder per stage with runs)."""
@@ -276,13 +290,32 @@ class _Stages:
             },
         }
 
+    def calibrate(self) -> dict[str, Any]:
+        p = self.paths
+        executed = p.executed("calibrate", "${key}")
+        parameters = {
+            "variant": "${item.variant}",
+            "seed": "${item.seed}",
+            "checkpoint": p.checkpoint("${key}"),
+            "calibrated": p.model("${key}"),
+        }
+        return {
+            "foreach": runs(self.params, trained=True),
+            "do": {
+                "cmd": _papermill(p, "calibrate", executed, parameters),
+                "deps": self._deps("calibrate", [*self.data, p.checkpoint("${key}")]),
+                "params": _params(self.chain, self.repo, "calibrate", True),
+                "outs": [p.model("${key}"), *_uncached([executed])],
+            },
+        }
+
     def evaluate(self) -> dict[str, Any]:
         p = self.paths
         executed = p.executed("evaluate", "${key}")
         parameters = {
             "variant": "${item.variant}",
             "seed": "${item.seed}",
-            "checkpoint": p.checkpoint("${item.checkpoint}"),
+            "checkpoint": p.model("${item.checkpoint}"),
             "predictions_out": f"{p.artifacts}/predictions/${{key}}.npz",
             "metrics_out": f"{p.results}/metrics/${{key}}.json",
             "provenance_out": f"{p.results}/provenance/${{key}}.json",
@@ -291,7 +324,7 @@ class _Stages:
             "foreach": runs(self.params, trained=False),
             "do": {
                 "cmd": _papermill(p, "evaluate", executed, parameters),
-                "deps": self._deps("evaluate", [*self.data, p.checkpoint("${item.checkpoint}")]),
+                "deps": self._deps("evaluate", [*self.data, p.model("${item.checkpoint}")]),
                 "params": _params(self.chain, self.repo, "evaluate", True),
                 "outs": [
                     parameters["predictions_out"],
@@ -351,7 +384,7 @@ class _Stages:
             "metrics_dir": f"{p.results}/metrics",
             "losses_dir": f"{p.results}/losses",
             "predictions_dir": f"{p.artifacts}/predictions",
-            "checkpoints_dir": f"{p.artifacts}/checkpoints",
+            "checkpoints_dir": f"{p.artifacts}/models",
             "figures_dir": f"{p.results}/figures",
         }
         deps = [
@@ -359,7 +392,7 @@ class _Stages:
             f"{p.results}/metrics",
             f"{p.results}/losses",
             f"{p.artifacts}/predictions",
-            f"{p.artifacts}/checkpoints",
+            f"{p.artifacts}/models",
         ]
         return {
             "cmd": _papermill(p, "figures", p.executed("figures"), parameters),

@@ -4,9 +4,10 @@
 teacher vs restoration (1 - cos(T(x)_i, D_R_i), the reverse-distillation map: where the decoder
 could not restore normal features) and restoration vs identity (1 - cos(D_R_i, D_I_i): where the
 restored and the reproduced features part ways); each is upsampled to image size, summed over
-scales and blurred; the two are fused by a weighted sum, optionally after a per-class z-score with
-statistics of held-out normal images (`MapStatistics`, from `mddnet.calibration`), since the two
-maps live on different scales; the image score pools the fused map.
+scales (with per-scale weights that calibration may choose) and blurred; the two are fused by a
+weighted sum, optionally after a per-class z-score with statistics of held-out normal images
+(`MapStatistics`, from `mddnet.calibration`), since the two maps live on different scales; the
+image score pools the fused map.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mddnet.config import ImageScore
+from mddnet.losses import cosine_distance
 
 if TYPE_CHECKING:
     from mddnet.models.mddnet import MDDNetOutput
@@ -30,9 +32,9 @@ __all__ = [
     "anomaly_maps",
     "fuse",
     "blur",
-    "cosine_distance",
     "discrepancy_map",
     "image_scores",
+    "scale_maps",
 ]
 
 
@@ -51,22 +53,10 @@ class MapStatistics(NamedTuple):
     restoration_identity: tuple[Tensor, Tensor] | None
 
 
-def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
-    """1 - cosine over channels at every position: (B, C, h, w) x 2 -> (B, h, w)."""
-    if a.shape != b.shape:
-        raise ValueError(
-            f"feature maps differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}: the decoder "
-            f"mirrors the teacher only when the image size is a multiple of the bottleneck stride"
-        )
-    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1)  # fp32 under autocast too
-
-
-def discrepancy_map(a: Sequence[Tensor], b: Sequence[Tensor], size: Sequence[int]) -> Tensor:
-    """Per-scale 1 - cos over channels, bilinearly upsampled to `size` and summed: (B, H, W)."""
+def scale_maps(a: Sequence[Tensor], b: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+    """Per-scale 1 - cos over channels, bilinearly upsampled to `size`: (B, S, H, W)."""
     if len(a) != len(b):
-        raise ValueError(
-            f"discrepancy_map needs as many scales in both lists, got {len(a)}, {len(b)}"
-        )
+        raise ValueError(f"scale_maps needs as many scales in both lists, got {len(a)}, {len(b)}")
     maps = [
         F.interpolate(
             cosine_distance(x, y).unsqueeze(1),  # (B, 1, h_i, w_i)
@@ -76,7 +66,34 @@ def discrepancy_map(a: Sequence[Tensor], b: Sequence[Tensor], size: Sequence[int
         )
         for x, y in zip(a, b, strict=True)
     ]
-    return torch.cat(maps, dim=1).sum(dim=1)  # (B, S, H, W) -> (B, H, W)
+    return torch.cat(maps, dim=1)
+
+
+def weigh_scales(maps: Tensor, scale_weights: Sequence[float] | None) -> Tensor:
+    """sum_i w_i maps_i over the scale axis: (B, S, H, W) -> (B, H, W); None: the plain sum.
+
+    [ours] The paper states three scales but not how their maps are combined; the plain sum is
+    the default, and calibration may choose other weights on validation anomalies.
+    """
+    if scale_weights is None:
+        return maps.sum(dim=1)
+    if len(scale_weights) != maps.shape[1]:
+        raise ValueError(
+            f"evaluate.fusion.scale_weights has {len(scale_weights)} weights, but the model has "
+            f"{maps.shape[1]} teacher scales (model.stages): give one weight per scale"
+        )
+    weights = torch.tensor(list(scale_weights), dtype=maps.dtype, device=maps.device)
+    return (maps * weights[None, :, None, None]).sum(dim=1)
+
+
+def discrepancy_map(
+    a: Sequence[Tensor],
+    b: Sequence[Tensor],
+    size: Sequence[int],
+    scale_weights: Sequence[float] | None = None,
+) -> Tensor:
+    """Per-scale 1 - cos, upsampled to `size` and summed with `scale_weights`: (B, H, W)."""
+    return weigh_scales(scale_maps(a, b, size), scale_weights)
 
 
 def _gaussian_kernel(sigma: float, radius: int) -> Tensor:
@@ -107,15 +124,22 @@ def blur(maps: Tensor, sigma: float) -> Tensor:
     return F.conv2d(padded, kernel).squeeze(1)  # (B, H, W)
 
 
-def anomaly_maps(output: MDDNetOutput, size: Sequence[int], blur_sigma: float) -> AnomalyMaps:
-    """The two discrepancy maps of one forward pass, upsampled to `size` and blurred."""
+def anomaly_maps(
+    output: MDDNetOutput,
+    size: Sequence[int],
+    blur_sigma: float,
+    scale_weights: Sequence[float] | None = None,
+) -> AnomalyMaps:
+    """The two discrepancy maps of one forward pass, upsampled to `size`, weighted over scales
+    (None: summed) and blurred."""
     teacher_restoration = blur(
-        discrepancy_map(output.teacher, output.restoration, size), blur_sigma
+        discrepancy_map(output.teacher, output.restoration, size, scale_weights), blur_sigma
     )
     restoration_identity = None
     if output.identity is not None:
         restoration_identity = blur(
-            discrepancy_map(output.restoration, output.identity, size), blur_sigma
+            discrepancy_map(output.restoration, output.identity, size, scale_weights),
+            blur_sigma,
         )
     return AnomalyMaps(teacher_restoration, restoration_identity)
 

@@ -5,9 +5,9 @@ anomalous copies x_a and masks M; the frozen teacher gives F_n = T(x_n); the mod
 loss terms come from `mddnet.losses`. The run is exactly resumable on CPU: the batch order of every
 epoch comes from a generator seeded by (seed, epoch), anomaly synthesis from (seed, epoch, index),
 and a resume checkpoint (model, optimizer, `TrainState`) is written atomically every
-`train.checkpoint_every` steps, so a killed run continues to the same final weights. After the
-last step the model is calibrated on held-out training normals (`mddnet.calibration`) and the
-checkpoint carries that calibration.
+`train.checkpoint_every` steps, so a killed run continues to the same final weights. The final
+checkpoint records which training normals were held out; calibration on them is a step of its
+own (`mddnet.calibration`), so scoring choices never retrain a model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mddnet.calibration import calibrate
 from mddnet.config import Config, config_to_dict
 from mddnet.data.datasets import NormalDataset, TrainDataset
 from mddnet.data.layout import Sample, scan_dataset, split_holdout
@@ -70,22 +69,15 @@ class TrainResult:
     resumed_from_step: int
     final_losses: dict[str, float] = field(default_factory=dict)  # mean over the last tenth
     plateau: float = float("nan")  # see metrics.loss_plateau
-    calibration: dict[str, Any] | None = None
 
     def summary(self, root: Path) -> dict[str, Any]:
         """The run at a glance, paths relative to `root` (for notebooks and logs)."""
-        chosen = self.calibration or {}
         return {
             "checkpoint": self.checkpoint.resolve().relative_to(root.resolve()).as_posix(),
             "steps": self.steps,
             "wall time (s)": round(self.wall_time_s),
             "final losses": {k: round(v, 4) for k, v in self.final_losses.items()},
             "loss plateau (last tenth's drop, %)": round(100 * self.plateau, 2),
-            "calibration": {
-                "restoration-identity weight": chosen.get("restoration_identity"),
-                "image score": chosen.get("image_score"),
-                "held-out images": chosen.get("images"),
-            },
         }
 
 
@@ -395,7 +387,7 @@ def fit(
     resume: bool = True,
     progress: bool = True,
 ) -> TrainResult:
-    """Train one model on all classes, calibrate it, write `checkpoint` and the losses CSV.
+    """Train one model on all classes; write `checkpoint` (not yet calibrated) and the losses CSV.
 
     `losses_csv` defaults to `<checkpoint stem>.losses.csv` beside the checkpoint; `roots` to
     `data.root`. With `resume=True` an in-progress run of the same config continues from its
@@ -431,16 +423,15 @@ def fit(
             _save_progress(run, config, state, state_file, losses_csv)
     bar.close()
     state.wall_time_s = earlier + time.perf_counter() - started
-    calibration = (
-        _finish(run, config, state, checkpoint, losses_csv) if run.context.is_main else None
-    )
+    if run.context.is_main:
+        _finish(run, config, state, checkpoint, losses_csv)
     tenth = state.history[-max(1, len(state.history) // 10) :]
     final = {key: float(np.mean([row[key] for row in tenth])) for key in LossTerms._fields}
     plateau = loss_plateau([row["total"] for row in state.history])
     names = run.dataset.class_names
     return TrainResult(
         checkpoint, losses_csv, state.step, names, state.wall_time_s, resumed_from, final,
-        plateau, calibration,
+        plateau,
     )  # fmt: skip
 
 
@@ -511,16 +502,14 @@ def _summary(logged: dict[str, float]) -> str:
 
 def _finish(
     run: _Run, config: Config, state: TrainState, checkpoint: Path, losses_csv: Path
-) -> dict[str, Any]:
-    """Calibrate on the held-out normals and write the final checkpoint and losses."""
-    normals = run.held_out or run.dataset.samples  # holdout 0: the training normals themselves
-    calibration = calibrate(run.model, config, run.dataset.class_names, normals, run.device)
+) -> None:
+    """Write the final checkpoint (with the names of the held-out normals that calibration
+    will use) and the losses."""
     plateau = loss_plateau([row["total"] for row in state.history])
     log.info("the last tenth of the steps lowered the mean total loss by %.1f%%", 100 * plateau)
     payload = _payload(run, config, state, complete=True) | {
         "device": str(run.device),
         "processes": run.context.world_size,
-        "calibration": asdict(calibration),
         "held_out": [f"{s.class_name}/{s.image_path.name}" for s in run.held_out],
         "loss_plateau": plateau,
     }
@@ -528,4 +517,3 @@ def _finish(
     write_csv(losses_csv, state.history, LOSS_COLUMNS)
     resume_path(checkpoint).unlink(missing_ok=True)
     log.info("wrote %s after %d steps in %.1f s", checkpoint, state.step, state.wall_time_s)
-    return payload["calibration"]

@@ -95,6 +95,7 @@ def test_the_default_pipeline_has_the_expected_stages() -> None:
     expected = (
         ["prepare"]
         + [f"train@{run}" for run in runs(params, trained=True)]
+        + [f"calibrate@{run}" for run in runs(params, trained=True)]
         + [f"evaluate@{run}" for run in runs(params, trained=False)]
         + ["reference", "main_results", "ablations", "figures"]
     )

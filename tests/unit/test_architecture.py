@@ -54,8 +54,8 @@ LAYERS: list[set[str]] = [
         "mddnet.models.mddnet",
     },
     {"mddnet.scoring", "mddnet.losses"},
-    {"mddnet.calibration", "mddnet.reference"},
-    {"mddnet.checkpoint"},
+    {"mddnet.checkpoint", "mddnet.reference"},
+    {"mddnet.calibration"},
     {"mddnet.train", "mddnet.evaluate", "mddnet.report", "mddnet.plots", "mddnet.pipeline"},
     {"mddnet.predict", "mddnet.export", "mddnet.notebook", "mddnet.lanes", "mddnet.cli"},
 ]

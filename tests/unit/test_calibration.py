@@ -12,10 +12,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mddnet.calibration import Calibration, calibrate, statistics_of
-from mddnet.checkpoint import Scorer
+from mddnet.calibration import (
+    SMALL_WINDOW,
+    calibrate,
+    candidates_table,
+    held_out_samples,
+    statistics_of,
+    validation_anomalies,
+)
+from mddnet.checkpoint import Calibration, Scorer
 from mddnet.config import Config, load_config
-from mddnet.data.datasets import NormalDataset
+from mddnet.data.datasets import NormalDataset, normalize
 from mddnet.data.layout import scan_dataset
 from mddnet.errors import MddnetError
 from mddnet.io import CheckpointError
@@ -35,6 +42,7 @@ def _calibration(**changes: object) -> Calibration:
             "restoration_identity": [[0.5, 0.0], [1.0, 2.0]],
         },
         "normalise": True,
+        "scale_weights": None,
         "restoration_identity": 0.25,
         "image_score": "topk_mean",
         "thresholds": [1.5, 2.5],
@@ -83,8 +91,9 @@ def test_scorer_of_normalise_uses_the_calibration_statistics(params_path: Path) 
         {"fusion": {"restoration_identity": "validated"}},
         {"image_score": "validated"},
         {"fusion": {"normalise": True}},
+        {"fusion": {"scale_weights": "validated"}},
     ],
-    ids=["validated weight", "validated image score", "normalise"],
+    ids=["validated weight", "validated image score", "normalise", "validated scales"],
 )
 def test_scorer_of_refuses_a_missing_calibration(params_path: Path, evaluate) -> None:
     with pytest.raises(CheckpointError, match="needs the calibration .* this checkpoint has none"):
@@ -94,10 +103,28 @@ def test_scorer_of_refuses_a_missing_calibration(params_path: Path, evaluate) ->
 def test_scorer_of_plain_settings_needs_no_calibration(params_path: Path) -> None:
     config = _config(
         params_path,
-        fusion={"normalise": False, "restoration_identity": 0.5},
+        fusion={"normalise": False, "scale_weights": [1, 0, 2], "restoration_identity": 0.5},
         image_score="topk_mean",
     )
-    assert Scorer.of(config, None) == Scorer((1.0, 0.5), None, "topk_mean", config)
+    expected = Scorer((1.0, 0.5), None, "topk_mean", config, (1.0, 0.0, 2.0))
+    assert Scorer.of(config, None) == expected
+
+
+def test_scorer_of_takes_the_validated_scale_weights(params_path: Path) -> None:
+    config = _config(params_path, fusion={"normalise": True, "scale_weights": "validated"})
+    scorer = Scorer.of(config, _calibration(scale_weights=[0.5, 1.0, 1.0]))
+    assert scorer.scale_weights == [0.5, 1.0, 1.0]
+    plain = _config(params_path, fusion={"normalise": False, "scale_weights": None})
+    assert Scorer.of(plain, _calibration(scale_weights=[0.5, 1.0, 1.0])).scale_weights is None
+
+
+def test_statistics_of_other_scale_weights_are_refused(params_path: Path) -> None:
+    """The z-score statistics hold only for the scale weights they were measured with."""
+    config = _config(params_path, fusion={"normalise": True, "scale_weights": [0, 1, 1]})
+    with pytest.raises(CheckpointError, match=r"scale weights \[0.5, 1.0, 1.0\]"):
+        Scorer.of(config, _calibration(scale_weights=[0.5, 1.0, 1.0]))
+    same = Scorer.of(config, _calibration(scale_weights=[0.0, 1.0, 1.0]))
+    assert same.scale_weights == (0.0, 1.0, 1.0)
 
 
 def test_calibrated_scorer_is_the_calibrations_own_scoring(params_path: Path) -> None:
@@ -121,12 +148,18 @@ def _fixed_output(identity: bool = True, class_ids: torch.Tensor | None = None):
 
 def test_a_scorer_call_fuses_the_maps_and_pools_the_scores(params_path: Path) -> None:
     config = _config(params_path, fusion={"normalise": True}, topk=5)
-    calibration = _calibration(restoration_identity=0.5, image_score="topk_mean")
+    calibration = _calibration(
+        restoration_identity=0.5, image_score="topk_mean", scale_weights=[0.0, 2.0]
+    )
     scorer = Scorer.calibrated(config, calibration)
     model = _fixed_output(class_ids=torch.tensor([1, 0]))
     image = torch.zeros(2, 3, SIZE, SIZE)
     scored = scorer(model, image, None)
-    maps = anomaly_maps(model(image, None), (SIZE, SIZE), config.evaluate.blur_sigma)
+    output = model(image, None)
+    # scale weights [0, 2]: twice the coarse scale's map alone
+    coarse = MDDNetOutput(*(None if f is None else f[1:] for f in output[:3]), None, None)
+    maps = anomaly_maps(coarse, (SIZE, SIZE), config.evaluate.blur_sigma)
+    maps = AnomalyMaps(*(2 * m for m in maps))
     torch.testing.assert_close(scored.maps.teacher_restoration, maps.teacher_restoration)
     fused = fuse(maps, (1.0, 0.5), calibration.map_statistics(), torch.tensor([1, 0]))
     torch.testing.assert_close(scored.fused, fused)
@@ -156,8 +189,10 @@ def test_statistics_of_is_the_per_class_mean_and_std_over_all_pixels() -> None:
 
 
 def test_a_calibration_survives_the_checkpoints_plain_dict() -> None:
-    calibration = _calibration()
+    calibration = _calibration(scale_weights=[0.5, 1.0, 1.0])
     assert Calibration.from_dict(dataclasses.asdict(calibration)) == calibration
+    older = {k: v for k, v in dataclasses.asdict(calibration).items() if k != "scale_weights"}
+    assert Calibration.from_dict(older).scale_weights is None  # the plain sum it was made with
     no_identity = _calibration(statistics={"teacher_restoration": [[0.0], [1.0]]})
     assert no_identity.map_statistics().restoration_identity is None
 
@@ -193,6 +228,7 @@ def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_ou
             "train": {"channels_last": False},
             "evaluate": {"batch_size": 6},  # one batch: one input shape keeps it fast
             "calibration": {
+                "scale_weights": [[1, 1, 1], [0, 1, 1]],
                 "restoration_identity": [0.0, 1.0],
                 "image_score": ["max", "topk_mean"],
                 "margin": 0.0,
@@ -201,34 +237,39 @@ def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_ou
     )
     torch.manual_seed(0)
     model = build_model(config.model, len(CLASSES)).eval()
-    calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
+    calibration = calibrate(model, config, CLASSES, held_out)
 
     assert calibration.images == 6 and len(calibration.thresholds) == 2
     # the paper's plain sum, then every candidate of the grid on z-scored maps; with margin 0
     # the chosen one is the first best
-    grid = [
-        (c["normalise"], c["restoration_identity"], c["image_score"])
-        for c in calibration.candidates
-    ]
+    keys = ("normalise", "scale_weights", "restoration_identity", "image_score")
+    grid = [tuple(c[k] for k in keys) for c in calibration.candidates]
+    plain, fine_dropped = [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]
     assert grid == [
-        (False, 1.0, "max"),
-        (True, 0.0, "max"),
-        (True, 0.0, "topk_mean"),
-        (True, 1.0, "max"),
-        (True, 1.0, "topk_mean"),
+        (False, None, 1.0, "max"),
+        *[
+            (True, scales, weight, score)
+            for scales in (plain, fine_dropped)
+            for weight in (0.0, 1.0)
+            for score in ("max", "topk_mean")
+        ],
     ]
     for candidate in calibration.candidates:
         parts = [candidate[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")]
         assert candidate["score"] == pytest.approx(np.mean(parts))
     best = max(calibration.candidates, key=lambda c: c["score"])  # max keeps the first of ties
-    chosen = (calibration.normalise, calibration.restoration_identity, calibration.image_score)
-    assert chosen == (best["normalise"], best["restoration_identity"], best["image_score"])
+    chosen = tuple(getattr(calibration, k) for k in keys)
+    assert chosen == tuple(best[k] for k in keys)
+    table = candidates_table(calibration)
+    assert table["chosen"].sum() == 1 and len(table) == len(grid)
+    assert table.loc[table["chosen"], "score"].item() == pytest.approx(100 * best["score"], 1e-3)
 
     # Recompute the held-out normals' maps and scores with the calibrated scorer.
     batch = next(iter(DataLoader(NormalDataset(held_out, CLASSES, SIZE), batch_size=6)))
     class_ids = batch["class_id"]
     with torch.no_grad():
-        maps = anomaly_maps(model(batch["image"], class_ids), (SIZE, SIZE), 2.0)
+        output = model(batch["image"], class_ids)
+    maps = anomaly_maps(output, (SIZE, SIZE), 2.0, calibration.scale_weights)
     expected = statistics_of(maps, class_ids, 2)
     for key in ("teacher_restoration", "restoration_identity"):
         mean, std = calibration.statistics[key]
@@ -256,8 +297,8 @@ def test_calibration_without_identity_decoder_tries_only_the_teacher_map(
     )
     torch.manual_seed(0)
     model = build_model(config.model, len(CLASSES)).eval()
-    calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
-    assert [c["restoration_identity"] for c in calibration.candidates] == [0.0, 0.0]
+    calibration = calibrate(model, config, CLASSES, held_out)
+    assert [c["restoration_identity"] for c in calibration.candidates] == [0.0] * 4
     assert set(calibration.statistics) == {"teacher_restoration"}
 
 
@@ -272,7 +313,40 @@ def test_a_candidate_must_beat_the_plain_sum_by_the_margin(params_path: Path, he
     config = load_config(params_path, "mddnet", overrides=overrides)
     torch.manual_seed(0)
     model = build_model(config.model, len(CLASSES)).eval()
-    calibration = calibrate(model, config, CLASSES, held_out, torch.device("cpu"))
+    calibration = calibrate(model, config, CLASSES, held_out)
     # no score can exceed another by a whole unit: the paper's plain sum stays
     assert (calibration.normalise, calibration.restoration_identity) == (False, 1.0)
     assert calibration.image_score == "max"
+
+
+def test_validation_anomalies_are_a_large_and_a_small_copy(params_path: Path) -> None:
+    config = load_config(params_path, "mddnet")
+    rng = np.random.default_rng(3)
+    pixels = torch.from_numpy(rng.uniform(0, 1, (64, 64, 3)).astype(np.float32))
+    original = normalize(pixels.numpy())  # (3, 64, 64)
+    for index in range(4):  # CutPaste and the noise box, alternating
+        (large, large_mask), (small, small_mask) = validation_anomalies(pixels, index, config)
+        assert large.shape == small.shape == (3, 64, 64)
+        rows, cols = np.nonzero(small_mask.numpy())
+        side = SMALL_WINDOW * 64  # 16 px: the window the small anomaly lies in
+        assert len(rows) and np.ptp(rows) < side and np.ptp(cols) < side
+        assert large_mask.sum() > small_mask.sum()
+        for image, mask in ((large, large_mask), (small, small_mask)):
+            outside, inside = mask == 0, mask > 0
+            torch.testing.assert_close(image[:, outside], original[:, outside])
+            assert not torch.allclose(image[:, inside], original[:, inside])
+        again = validation_anomalies(pixels, index, config)  # a fixed stream per image index
+        torch.testing.assert_close(again[1][0], small)
+
+
+def test_held_out_samples_are_the_recorded_ones(held_out) -> None:
+    roots = [held_out[0].image_path.parents[3]]
+    config = load_config(Path(__file__).parents[2] / "params.yaml", "mddnet")
+    picked = held_out_samples(["beta/001.png", "alpha/002.png"], config, roots, "ckpt.pt")
+    assert [(s.class_name, s.image_path.name) for s in picked] == [
+        ("beta", "001.png"),
+        ("alpha", "002.png"),
+    ]
+    assert len(held_out_samples([], config, roots, "ckpt.pt")) == 6  # holdout 0: all normals
+    with pytest.raises(MddnetError, match=r"ckpt.pt: 1 held-out .* \(first: alpha/009.png\)"):
+        held_out_samples(["alpha/009.png"], config, roots, "ckpt.pt")

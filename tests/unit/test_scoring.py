@@ -18,6 +18,7 @@ from mddnet.scoring import (
     discrepancy_map,
     fuse,
     image_scores,
+    weigh_scales,
 )
 
 
@@ -50,6 +51,26 @@ def test_discrepancy_map_upsamples_bilinearly_and_sums_scales() -> None:
     out = discrepancy_map([a1, a2], [b1, b2], (4, 4))
     expected = np.outer([1, 0.75, 0.25, 0], [0, 0.25, 0.75, 1]) + 1.0
     np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
+
+
+def test_scale_weights_weigh_each_scales_map() -> None:
+    # The maps of the test above: scale 1 is the outer product, scale 2 is 1 everywhere.
+    a1 = _constant((1.0, 0.0), 2, 2)
+    b1 = a1.clone()
+    b1[0, :, 0, 1] = torch.tensor([0.0, 1.0])
+    a2, b2 = _constant((1.0, 0.0), 1, 1), _constant((0.0, 1.0), 1, 1)
+    fine = np.outer([1, 0.75, 0.25, 0], [0, 0.25, 0.75, 1])
+    for weights, expected in (((0.5, 2.0), 0.5 * fine + 2.0), ((0.0, 1.0), np.ones((4, 4)))):
+        out = discrepancy_map([a1, a2], [b1, b2], (4, 4), weights)
+        np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
+
+
+def test_weigh_scales_sums_by_default_and_names_the_param_on_a_wrong_count() -> None:
+    maps = torch.tensor([1.0, 2.0, 4.0]).reshape(1, 3, 1, 1)
+    assert weigh_scales(maps, None).item() == 7.0
+    assert weigh_scales(maps, (0.5, 1.0, 0.0)).item() == 2.5
+    with pytest.raises(ValueError, match="scale_weights has 2 weights, but the model has 3"):
+        weigh_scales(maps, (1.0, 1.0))
 
 
 def _output(with_identity: bool = True) -> MDDNetOutput:
