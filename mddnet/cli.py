@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -107,6 +108,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     result = fit(config, args.out, losses_csv=args.losses_csv, resume=not args.restart)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the main process writes
+        return 0
     calibrate_checkpoint(config, result.checkpoint, result.checkpoint)
     print(
         f"wrote {result.checkpoint} ({result.steps} steps, {result.wall_time_s:.0f} s; calibrated)"

@@ -62,11 +62,15 @@ def tiny_checkpoint(tiny_root: Path, tmp_path_factory) -> Path:
     """The full model on the tiny benchmark, trained once per test session: 4 steps on 12
     images (2 of each class's 6 held out for calibration, so thresholds come from unseen
     normals)."""
+    from mddnet.calibration import calibrate_checkpoint
     from mddnet.train import fit
 
     overrides = tiny_overrides(tiny_root, HOLDOUT, steps=4)
     config = load_config(REPO / "params.yaml", "mddnet", overrides)
-    return fit(config, tmp_path_factory.mktemp("ckpt") / "mddnet.pt", progress=False).checkpoint
+    trained = fit(config, tmp_path_factory.mktemp("ckpt") / "mddnet.pt", progress=False)
+    calibrated = trained.checkpoint.with_name("mddnet.calibrated.pt")
+    calibrate_checkpoint(config, trained.checkpoint, calibrated, [tiny_root])
+    return calibrated
 
 
 @pytest.fixture

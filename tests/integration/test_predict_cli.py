@@ -135,6 +135,7 @@ def test_a_checkpoint_from_another_backbone_is_explained(tiny_checkpoint, tmp_pa
     data = load_checkpoint(tiny_checkpoint)
     data["config"]["model"]["backbone"] = "efficientnet_lite0"  # same shapes, other padding
     data["config"]["model"]["stages"] = [1, 2]
+    data["config"]["calibration"]["scale_weights"] = [[1.0, 1.0]]  # one weight per scale
     other = tmp_path / "other.pt"
     save_checkpoint(other, data)
     with pytest.raises(ValueError, match=r"other.pt: weights do not fit the model its config"):

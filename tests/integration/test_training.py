@@ -10,11 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import mddnet.train as train_module
+from mddnet.calibration import calibrate_checkpoint
 from mddnet.checkpoint import Scorer, load_trained_model
 from mddnet.data.datasets import NormalDataset
 from mddnet.data.layout import scan_dataset, split_holdout
 from mddnet.evaluate import evaluate_checkpoint
-from mddnet.io import load_checkpoint
+from mddnet.io import CheckpointError, load_checkpoint
 from mddnet.losses import LossTerms
 from mddnet.models.memory import ClassAwareMemory
 from mddnet.train import LOSS_COLUMNS, fit, resume_path
@@ -37,10 +38,7 @@ def test_same_seed_gives_identical_weights_and_losses(tiny_config, tmp_path) -> 
     assert first.steps == second.steps == 6  # two epochs of 18 images in batches of 6
     assert _equal(_weights(first.checkpoint), _weights(second.checkpoint))
     assert first.losses_csv.read_text() == second.losses_csv.read_text()
-    assert (
-        load_checkpoint(first.checkpoint)["calibration"]
-        == (load_checkpoint(second.checkpoint)["calibration"])
-    )
+    assert "calibration" not in load_checkpoint(first.checkpoint)  # a stage of its own
     other = fit(
         dataclasses.replace(config, seed=1),
         tmp_path / "c.pt",
@@ -74,8 +72,6 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path, monk
     assert _equal(_weights(reference.checkpoint), _weights(resumed.checkpoint))
     assert reference.losses_csv.read_text() == resumed.losses_csv.read_text()
     assert not resume_path(tmp_path / "run.pt").exists()
-    calibrations = [load_checkpoint(r.checkpoint)["calibration"] for r in (reference, resumed)]
-    assert calibrations[0] == calibrations[1]
 
 
 def test_resume_state_of_another_config_is_refused(tiny_config, tmp_path, monkeypatch) -> None:
@@ -134,6 +130,9 @@ def test_a_trained_model_scores_anomalies_above_normals(tiny_config, tmp_path, t
     """
     config = tiny_config("mddnet", steps=24)
     result = fit(config, tmp_path / "m.pt", progress=False)
+    with pytest.raises(CheckpointError, match="`mddnet calibrate`"):  # validated settings
+        evaluate_checkpoint(config, result.checkpoint, [tiny_root], progress=False)
+    calibrate_checkpoint(config, result.checkpoint, result.checkpoint, [tiny_root])
     run = evaluate_checkpoint(config, result.checkpoint, [tiny_root], progress=False)
     assert run.metrics["mean"]["pixel_auroc"] > 0.7
     assert run.metrics["mean"]["pixel_aupro"] > 0.35
@@ -146,6 +145,7 @@ def test_a_trained_model_scores_anomalies_above_normals(tiny_config, tmp_path, t
     assert provenance["calibration"] == calibration
     assert provenance["scoring"] == {  # the default scoring is the calibration's choice
         "weights": [1.0, calibration["restoration_identity"]],
+        "scale_weights": calibration["scale_weights"],
         "normalised": calibration["normalise"],
         "image_score": calibration["image_score"],
     }
@@ -165,7 +165,7 @@ def test_the_checkpoint_carries_calibration_held_out_images_and_losses(
     calibration = data["calibration"]
     assert calibration["images"] == 6 and len(calibration["thresholds"]) == 3
     assert set(calibration["statistics"]) == {"teacher_restoration", "restoration_identity"}
-    losses = pd.read_csv(tiny_checkpoint.with_suffix(".losses.csv"))
+    losses = pd.read_csv(tiny_checkpoint.with_name("mddnet.losses.csv"))  # beside the trained one
     assert tuple(losses.columns) == LOSS_COLUMNS and len(losses) == 4
     assert (
         losses["memory_entropy"].between(0, 1).all() and losses["memory_used"].between(0, 1).all()
@@ -179,16 +179,19 @@ def test_calibration_thresholds_cover_every_held_out_normal(tiny_checkpoint, tin
     trained = load_trained_model(tiny_checkpoint)
     calibration, config = trained.calibration, trained.config
     first, margin = calibration.candidates[0], config.calibration.margin
-    chosen = [c for c in calibration.candidates if c["image_score"] == calibration.image_score]
+    keys = ("normalise", "scale_weights", "restoration_identity", "image_score")
     chosen = next(
         c
-        for c in chosen
-        if (c["normalise"], c["restoration_identity"])
-        == (calibration.normalise, calibration.restoration_identity)
+        for c in calibration.candidates
+        if tuple(c[k] for k in keys) == tuple(getattr(calibration, k) for k in keys)
     )
     # the paper's plain sum, unless a candidate validated more than the margin higher
     assert chosen is first or chosen["score"] > first["score"] + margin
-    grid = len(config.calibration.restoration_identity) * len(config.calibration.image_score)
+    grid = (
+        len(config.calibration.scale_weights)
+        * len(config.calibration.restoration_identity)
+        * len(config.calibration.image_score)
+    )
     assert len(calibration.candidates) == 1 + grid
     samples = [s for s in scan_dataset(tiny_root) if s.split == "train"]
     _, held_out = split_holdout(samples, config.calibration.holdout)

@@ -583,12 +583,15 @@ def test_a_truncated_checkpoint_is_refused_naming_it(cli, evaluation, tmp_path) 
 
 @pytest.mark.slow
 def test_predict_refuses_a_checkpoint_without_calibration(cli, evaluation, tmp_path) -> None:
-    """A complete checkpoint from before calibration existed: evaluate's default scoring needs
-    none, but predict's verdicts need the thresholds."""
+    """A complete checkpoint that was never calibrated (as the train stage writes it): predict's
+    verdicts need the thresholds."""
     checkpoint = _untrained_checkpoint(tmp_path / "old.pt", evaluation.params)
     predicted = tmp_path / "predicted"
     message = cli("predict", checkpoint, evaluation.data, "--out", predicted).error("predict")
-    assert message == "this checkpoint has no calibration (written before mddnet 0.2): retrain it"
+    assert message == (
+        "this checkpoint has no calibration: run `mddnet calibrate` on it (or train it with "
+        "`mddnet train`, which calibrates)"
+    )
     assert not predicted.exists()
 
 

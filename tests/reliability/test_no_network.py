@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
+from mddnet.calibration import calibrate_checkpoint
 from mddnet.config import load_params
 from mddnet.data.prepare import prepare_dataset
 from mddnet.evaluate import evaluate_checkpoint
@@ -83,6 +84,8 @@ def test_every_pipeline_stage_runs_without_the_network(refused, params, tmp_path
         config, checkpoint, losses_csv=folders["losses"] / f"{config.run}.csv", progress=False
     )
     assert trained.steps == 4 and trained.checkpoint.is_file()
+    # calibrate, in place
+    calibrate_checkpoint(config, checkpoint, checkpoint, roots)
     # evaluate
     run = evaluate_checkpoint(config, checkpoint, roots, progress=False)
     save_predictions(folders["predictions"] / f"{config.run}.npz", run.predictions)
