@@ -23,7 +23,10 @@ CLASSES = 3
 
 def _config(params_path: Path, precision: str) -> Config:
     # The paper's plain sum of both maps: these untrained models carry no calibration to validate.
-    plain_sum = {"fusion": {"normalise": False, "restoration_identity": 1.0}, "image_score": "max"}
+    plain_sum = {
+        "fusion": {"normalise": False, "scale_weights": None, "restoration_identity": 1.0},
+        "image_score": "max",
+    }
     return load_config(
         params_path,
         "mddnet",
