@@ -94,7 +94,16 @@ def test_train_and_evaluate_cli(tiny_params, tmp_path, capsys) -> None:
         main(["train", "--params", str(params), "--variant", "rd_baseline", "--out", str(ckpt)])
         == 0
     )
-    assert load_checkpoint(ckpt)["complete"] is True
+    trained = load_checkpoint(ckpt)
+    assert trained["complete"] is True and trained["calibration"]["images"] > 0  # calibrated
+    # calibrating again with other settings writes a new calibration beside it, weights unchanged
+    again = tmp_path / "again.pt"
+    code = main(["calibrate", str(ckpt), "--params", str(params), "--variant", "rd_baseline"]
+                + ["--out", str(again)])  # fmt: skip
+    assert code == 0 and "held-out normals" in capsys.readouterr().out
+    recalibrated = load_checkpoint(again)
+    assert recalibrated["calibration"] == trained["calibration"]  # the same settings, the same
+    assert recalibrated["state_dict"].keys() == trained["state_dict"].keys()
     metrics = tmp_path / "m.json"
     code = main(
         [
