@@ -4,12 +4,13 @@ DVC holds one lock per repository, so two `dvc repro` cannot share a checkout, a
 trainings (one per variant and seed: minutes to half an hour each on a CPU) run one after the
 other even where cores are idle. Here the stale `train@...` stages run their own commands, as
 DVC renders them from dvc.yaml, in N lanes; `dvc commit` then records them as `dvc repro` would
-have, and `dvc repro` runs the rest (evaluation, tables, figures). The numbers are those of a
+have, each as soon as it finishes (a session cut short keeps what it finished), and `dvc repro`
+runs the rest (evaluation, tables, figures). The numbers are those of a
 plain `dvc repro`: every training is the same command with the same seed and thread count.
 
 `dvc commit` records the dependencies as they are when it runs, so they must not change while
-the lanes run: their size and modification time are compared before and after, and nothing is
-recorded if any changed.
+the lanes run: their size and modification time are compared with those at the start before
+each training is recorded, and from the first change on nothing more is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -121,8 +123,10 @@ def run_lanes(
     lanes: int,
     logs: Path,
     echo: Callable[[str], None] = print,
+    on_success: Callable[[Training], None] = lambda _: None,
 ) -> list[str]:
-    """Run the trainings' commands, `lanes` at a time, each logged to `logs/<key>.log`.
+    """Run the trainings' commands, `lanes` at a time, each logged to `logs/<key>.log`, and call
+    `on_success` on each that succeeds, as it finishes.
 
     Returns the addresses of those that failed; the others keep running when one fails.
     """
@@ -147,6 +151,8 @@ def run_lanes(
             f"{time.strftime('%H:%M:%S')} {verdict} {training.key} "
             f"in {time.monotonic() - start:.0f} s"
         )
+        if done.returncode == 0:
+            on_success(training)
         return done.returncode == 0
 
     with ThreadPoolExecutor(max_workers=lanes) as pool:
@@ -182,6 +188,31 @@ def _threads_note(root: Path, paths: PipelinePaths, lanes: int) -> str | None:
     )
 
 
+class _Recorder:
+    """`dvc commit` of each training as it finishes, one at a time, while the dependencies are
+    as they were when the lanes started (`before`); after the first change, none."""
+
+    def __init__(
+        self,
+        root: Path,
+        before: dict[str, tuple[int, int]],
+        deps: set[Path],
+        echo: Callable[[str], None],
+    ) -> None:
+        self.root, self.before, self.deps, self.echo = root, before, deps, echo
+        self.changed = False
+        self._lock = threading.Lock()
+
+    def __call__(self, training: Training) -> None:
+        with self._lock:
+            self.changed = self.changed or snapshot(self.deps) != self.before
+            if self.changed:
+                self.echo(f"not recorded: {training.key} (a dependency changed during the run)")
+                return
+            _dvc("commit", "--force", training.address, root=self.root)
+            self.echo(f"{time.strftime('%H:%M:%S')} recorded {training.key} in dvc.lock")
+
+
 def repro(
     root: Path, paths: PipelinePaths, lanes: int, echo: Callable[[str], None] = print
 ) -> None:
@@ -195,16 +226,14 @@ def repro(
         if note:
             echo(f"warning: {note}")
         deps = {path for t in trainings for path in t.deps}
-        before = snapshot(deps)
-        failed = run_lanes(trainings, lanes, root / paths.artifacts / "logs", echo)
-        if snapshot(deps) != before:
+        record = _Recorder(root, snapshot(deps), deps, echo)
+        failed = run_lanes(trainings, lanes, root / paths.artifacts / "logs", echo, record)
+        if record.changed:
             raise MddnetError(
                 "a dependency of the trainings (code, notebook, params or data) changed while "
-                "they ran, so none is recorded: run `mddnet repro` again on an unchanged tree"
+                "they ran, so none that finished after the change is recorded: run `mddnet "
+                "repro` again on an unchanged tree"
             )
-        recorded = [t.address for t in trainings if t.address not in failed]
-        if recorded:
-            _dvc("commit", "--force", *recorded, root=root)
         if failed:
             raise MddnetError(
                 f"{len(failed)} training(s) failed: {', '.join(failed)}; the others are "

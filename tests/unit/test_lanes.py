@@ -180,9 +180,24 @@ def test_repro_records_parallel_trainings_as_dvc_repro_would(tmp_path, params_pa
 @pytest.mark.slow
 def test_a_dependency_edited_during_the_run_records_nothing(tmp_path, params_path) -> None:
     root = _dvc_repo(tmp_path, params_path, f"echo v2 >> code.txt && {TRAIN}")
-    with pytest.raises(MddnetError, match="changed while they ran, so none is recorded"):
+    with pytest.raises(MddnetError, match="changed while they ran, so none that finished after"):
         repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
     assert not (root / "dvc.lock").exists() or "train@" not in (root / "dvc.lock").read_text()
+
+
+@pytest.mark.slow
+def test_each_training_is_recorded_as_it_finishes(tmp_path, params_path) -> None:
+    # One lane, longest first: mddnet-s0, rd_baseline-s0, then rd_baseline-s1, which edits a
+    # dependency: the two that finished before the edit are in dvc.lock, the third is not.
+    edit = "if [ ${key} = rd_baseline-s1 ]; then echo v2 >> code.txt; fi"
+    root = _dvc_repo(tmp_path, params_path, f"{TRAIN} && {edit}")
+    lines: list[str] = []
+    with pytest.raises(MddnetError, match="changed while they ran"):
+        repro(root, PipelinePaths(), lanes=1, echo=lines.append)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert {"train@mddnet-s0", "train@rd_baseline-s0"} <= set(lock)
+    assert "train@rd_baseline-s1" not in lock
+    assert "not recorded: rd_baseline-s1 (a dependency changed during the run)" in lines
 
 
 @pytest.mark.slow
