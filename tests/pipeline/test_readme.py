@@ -36,7 +36,8 @@ def test_the_try_a_setting_example_is_the_one_the_pipeline_test_runs() -> None:
     test = (REPO / "tests" / "pipeline" / "test_repro.py").read_text()
     assert "dvc exp run -S evaluate.fusion.restoration_identity=0 " in readme
     assert 'TRY_A_SETTING = "evaluate.fusion.restoration_identity"' in test
-    # As written, the example moves the committed default's numbers: no seed's calibration
-    # chose a restoration-identity weight of 0 itself.
-    for provenance in sorted((REPO / "results" / "provenance").glob("mddnet-s*.json")):
-        assert json.loads(provenance.read_text())["scoring"]["weights"][1] != 0, provenance.name
+    # As written, the example moves the committed default's numbers: some seed's calibration
+    # chose a restoration-identity weight other than 0, the weight the example sets.
+    provenances = sorted((REPO / "results" / "provenance").glob("mddnet-s*.json"))
+    weights = [json.loads(p.read_text())["scoring"]["weights"][1] for p in provenances]
+    assert len(weights) >= 3 and any(weight != 0 for weight in weights), weights
