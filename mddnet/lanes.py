@@ -16,6 +16,7 @@ each training is recorded, and from the first change on nothing more is.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +30,15 @@ from pathlib import Path
 from mddnet.errors import MddnetError
 from mddnet.pipeline import PipelinePaths
 
-__all__ = ["Training", "longest_first", "repro", "run_lanes", "snapshot", "stale_trainings"]
+__all__ = [
+    "Training",
+    "longest_first",
+    "prune_removed",
+    "repro",
+    "run_lanes",
+    "snapshot",
+    "stale_trainings",
+]
 
 TRAIN_STAGE = "train@"  # foreach stages of mddnet.pipeline's `train`
 UPSTREAM_STAGE = "prepare"  # what every training reads (the dataset summary)
@@ -86,6 +95,42 @@ def stale_trainings(root: Path, dvc_yaml: str) -> list[Training]:
             )
             for stage in stages
         ]
+
+
+def prune_removed(root: Path, dvc_yaml: str) -> list[str]:
+    """Forget what `dvc_yaml` no longer has: the dvc.lock entries of removed stages (a variant
+    or seed taken out of the params), and every output dvc.lock records that no current stage
+    declares (theirs, or an old path after a change of layout). DVC keeps both, and a table
+    stage reading a whole folder (`metrics/`) would count a removed run's numbers. Returns the
+    stage names dropped."""
+    from dvc.repo import Repo
+    from dvc.utils.serialize import modify_yaml
+
+    lock_file = root / Path(dvc_yaml).with_name("dvc.lock")
+    if not lock_file.exists():
+        return []
+    with _inside(root), Repo(str(root)) as repo:
+        current = repo.stage.collect(dvc_yaml)
+    names = {stage.name for stage in current}
+    declared = {Path(out.fs_path) for stage in current for out in stage.outs}
+    wdirs = {Path(stage.wdir) for stage in current}
+    if len(wdirs) != 1:
+        raise MddnetError(f"{dvc_yaml}: expected one wdir for all stages, found {sorted(wdirs)}")
+    wdir = wdirs.pop()
+    with modify_yaml(lock_file) as lock:
+        stages = lock.get("stages", {})
+        recorded = {
+            wdir / out["path"] for stage in stages.values() for out in stage.get("outs", [])
+        }
+        removed = [name for name in stages if name not in names]
+        for name in removed:
+            del stages[name]
+    for path in sorted(recorded - declared):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def longest_first(trainings: Sequence[Training], params: Path) -> list[Training]:
@@ -219,6 +264,9 @@ def repro(
     """`dvc repro` of one pipeline, with its stale trainings run in `lanes` parallel lanes."""
     if lanes < 1:
         raise MddnetError(f"--lanes must be at least 1, got {lanes}")
+    removed = prune_removed(root, paths.dvc_yaml)
+    if removed:
+        echo(f"dropped {len(removed)} stage(s) the params no longer name: {', '.join(removed)}")
     _dvc("repro", f"{paths.dvc_yaml}:{UPSTREAM_STAGE}", root=root)
     trainings = longest_first(stale_trainings(root, paths.dvc_yaml), root / paths.params)
     if trainings:

@@ -208,6 +208,32 @@ def test_a_failed_training_is_named_and_the_others_are_recorded(tmp_path, params
     assert set(_stale(root)) == {"train@mddnet-s0", "tables"}
 
 
+@pytest.mark.slow
+def test_a_run_taken_out_of_the_params_and_a_moved_output_are_forgotten(
+    tmp_path, params_path
+) -> None:
+    root = _dvc_repo(tmp_path, params_path, TRAIN)
+    repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
+    dvc_yaml = (root / "dvc.yaml").read_text()
+    dvc_yaml = dvc_yaml.replace("      rd_baseline-s1: {variant: rd_baseline, seed: 1}\n", "")
+    dvc_yaml = dvc_yaml.replace(" out/rd_baseline-s1.txt,", "").replace(
+        " out/rd_baseline-s1.txt", ""
+    )
+    dvc_yaml = dvc_yaml.replace("table.txt", "t/table.txt")
+    (root / "dvc.yaml").write_text(dvc_yaml.replace("cmd: cat", "cmd: mkdir -p t && cat"))
+    lines: list[str] = []
+
+    repro(root, PipelinePaths(), lanes=2, echo=lines.append)
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert "train@rd_baseline-s1" not in lock and "train@rd_baseline-s0" in lock
+    assert not (root / "out" / "rd_baseline-s1.txt").exists()  # the removed run's output
+    assert not (root / "table.txt").exists()  # recorded before, no longer declared
+    assert (root / "t" / "table.txt").read_text() == "rd_baseline 0\nmddnet 0\n"
+    assert lines[0] == "dropped 1 stage(s) the params no longer name: train@rd_baseline-s1"
+    assert _stale(root) == {}
+
+
 def test_lanes_below_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MddnetError, match="--lanes must be at least 1, got 0"):
         repro(tmp_path, PipelinePaths(), lanes=0)
