@@ -228,10 +228,15 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         help="dvc repro of a pipeline, its trainings in parallel lanes",
         description="dvc repro of dvc.yaml, or of pipelines/NAME/dvc.yaml, with the stale "
         "training stages run side by side (DVC runs them one at a time) and recorded with dvc "
-        "commit; the same numbers as dvc repro. Use lanes x cpu.threads <= cores.",
+        "commit; the same numbers as dvc repro. Keep lanes x cpu.threads <= cores.",
     )
     p.add_argument("--name", default=None, help="pipeline name, as for `mddnet pipeline`")
-    p.add_argument("--lanes", type=int, default=2, help="trainings at a time (default: 2)")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        help="trainings at a time (default: cores // cpu.threads, at least 1)",
+    )
     p.set_defaults(func=_repro)
 
 

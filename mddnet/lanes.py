@@ -32,6 +32,7 @@ from mddnet.pipeline import PipelinePaths
 
 __all__ = [
     "Training",
+    "default_lanes",
     "longest_first",
     "prune_removed",
     "repro",
@@ -217,12 +218,24 @@ def _dvc(*args: str, root: Path) -> None:
     subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, env=_environment())
 
 
-def _threads_note(root: Path, paths: PipelinePaths, lanes: int) -> str | None:
-    """A warning when lanes x torch threads exceed the cores (the runs would slow each other)."""
+def _threads(root: Path, paths: PipelinePaths) -> tuple[int, int]:
+    """(torch threads of one training, cores of this machine)."""
     from mddnet.config import load_config
 
-    threads = load_config(root / paths.params).cpu.threads or os.cpu_count() or 1
     cores = os.cpu_count() or 1
+    return load_config(root / paths.params).cpu.threads or cores, cores
+
+
+def default_lanes(root: Path, paths: PipelinePaths) -> int:
+    """As many lanes as the cores hold trainings of `cpu.threads` each (at least one): more
+    would make the pinned threads wait for each other, many times slower, not faster."""
+    threads, cores = _threads(root, paths)
+    return max(1, cores // threads)
+
+
+def _threads_note(root: Path, paths: PipelinePaths, lanes: int) -> str | None:
+    """A warning when lanes x torch threads exceed the cores (the runs would slow each other)."""
+    threads, cores = _threads(root, paths)
     if lanes * threads <= cores:
         return None
     return (
@@ -259,9 +272,12 @@ class _Recorder:
 
 
 def repro(
-    root: Path, paths: PipelinePaths, lanes: int, echo: Callable[[str], None] = print
+    root: Path, paths: PipelinePaths, lanes: int | None, echo: Callable[[str], None] = print
 ) -> None:
-    """`dvc repro` of one pipeline, with its stale trainings run in `lanes` parallel lanes."""
+    """`dvc repro` of one pipeline, with its stale trainings run in `lanes` parallel lanes
+    (None: `default_lanes`)."""
+    if lanes is None:
+        lanes = default_lanes(root, paths)
     if lanes < 1:
         raise MddnetError(f"--lanes must be at least 1, got {lanes}")
     removed = prune_removed(root, paths.dvc_yaml)

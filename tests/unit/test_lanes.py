@@ -16,7 +16,15 @@ import pytest
 import yaml
 
 from mddnet.errors import MddnetError
-from mddnet.lanes import Training, _threads_note, longest_first, repro, run_lanes, snapshot
+from mddnet.lanes import (
+    Training,
+    _threads_note,
+    default_lanes,
+    longest_first,
+    repro,
+    run_lanes,
+    snapshot,
+)
 from mddnet.pipeline import PipelinePaths
 
 PY = sys.executable
@@ -91,6 +99,29 @@ def test_threads_warning_advises_one_thread_only_where_it_is_not_set(
     assert note is not None and f"{lanes * threads} threads on 2 cores" in note
     assert ("set cpu.threads: 1" in note) is advice
     assert _threads_note(tmp_path, PipelinePaths(), 2 // threads) is None
+
+
+@pytest.mark.parametrize(
+    ("threads", "cores", "lanes", "warned"),
+    [(2, 2, 1, False), (1, 2, 2, False), (2, 16, 8, False), (None, 8, 1, False), (4, 2, 1, True)],
+)
+def test_default_lanes_fill_the_cores_without_oversubscribing_them(
+    tmp_path: Path,
+    params_path: Path,
+    monkeypatch,
+    threads: int | None,
+    cores: int,
+    lanes: int,
+    warned: bool,
+) -> None:
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"extends": str(params_path), "cpu": {"threads": threads}})
+    )
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+
+    assert default_lanes(tmp_path, PipelinePaths()) == lanes
+    # one lane of more threads than cores is still oversubscribed, and still warned of
+    assert (_threads_note(tmp_path, PipelinePaths(), lanes) is not None) is warned
 
 
 def test_snapshot_sees_an_edit_and_a_new_file(tmp_path: Path) -> None:
