@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,3 +42,24 @@ def test_the_try_a_setting_example_is_the_one_the_pipeline_test_runs() -> None:
     provenances = sorted((REPO / "results" / "provenance").glob("mddnet-s*.json"))
     weights = [json.loads(p.read_text())["scoring"]["weights"][1] for p in provenances]
     assert len(weights) >= 3 and any(weight != 0 for weight in weights), weights
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces -> -."""
+    kept = "".join(c for c in heading.strip().lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
+def test_slug_matches_githubs_anchors() -> None:
+    assert _slug("Real data: does MDD-Net beat its RD baseline?") == (
+        "real-data-does-mdd-net-beat-its-rd-baseline"
+    )
+    assert _slug("What the numbers mean") == "what-the-numbers-mean"
+
+
+def test_every_in_page_link_of_the_readme_names_a_heading() -> None:
+    readme = (REPO / "README.md").read_text()
+    headings = {_slug(line.lstrip("#")) for line in readme.splitlines() if line.startswith("#")}
+    links = set(re.findall(r"\]\(#([^)]+)\)", readme))
+    assert links, "the README links to its own sections"
+    assert links <= headings, f"links to no heading: {sorted(links - headings)}"
