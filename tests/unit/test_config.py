@@ -426,3 +426,33 @@ def test_configs_extend_params_and_load_with_every_variant(
         assert config.model.weights == "efficientnet_lite0" and not config.data.generate
         size, sigma = (256, 4.0) if name.endswith("_256.yaml") else (128, 2.0)
         assert (config.data.image_size, config.evaluate.blur_sigma) == (size, sigma)
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        out |= _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+SCREENS = sorted((Path(__file__).resolve().parents[2] / "configs" / "screens").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SCREENS, ids=lambda p: p.name)
+def test_a_screen_config_changes_exactly_the_keys_it_states(path: Path) -> None:
+    """A screen (README: "Screened and not adopted") must be its pipeline's settings plus the
+    one change it documents, for every variant, so rerunning it repeats the screen."""
+    own = yaml.safe_load(path.read_text())
+    base = load_params((path.parent / own.pop("extends")).resolve())
+    screen = load_params(path)
+    for variant in ("rd_baseline", "mddnet"):
+        before = _leaves(config_to_dict(base.config(variant)))
+        after = _leaves(config_to_dict(screen.config(variant)))
+        changed = {key for key in before if before[key] != after[key]}
+        assert changed == set(_leaves(own)), variant
+
+
+def test_there_are_screen_configs() -> None:
+    assert len(SCREENS) >= 2
