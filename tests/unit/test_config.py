@@ -443,7 +443,7 @@ SCREENS = sorted((Path(__file__).resolve().parents[2] / "configs" / "screens").g
 @pytest.mark.parametrize("path", SCREENS, ids=lambda p: p.name)
 def test_a_screen_config_changes_exactly_the_keys_it_states(path: Path) -> None:
     """A screen (README: "Screened and not adopted") must be its pipeline's settings plus the
-    one change it documents, for every variant, so rerunning it repeats the screen."""
+    one change it documents, for RD and MDD-Net, so rerunning it repeats the screen."""
     own = yaml.safe_load(path.read_text())
     base = load_params((path.parent / own.pop("extends")).resolve())
     screen = load_params(path)
