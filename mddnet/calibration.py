@@ -66,6 +66,7 @@ __all__ = [
     "candidates_table",
     "held_out_samples",
     "statistics_of",
+    "validation_anomalies",
 ]
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,14 @@ from mddnet.scoring import AnomalyMaps, MapStatistics, anomaly_maps, fuse, image
 
 __all__ = ["Calibration", "Scored", "Scorer", "TrainedModel", "load_trained_model"]
 
-INFO_KEYS = ("teacher_weights", "step", "train_wall_time_s", "device", "mddnet_version")
+INFO_KEYS = (
+    "teacher_weights",
+    "step",
+    "train_wall_time_s",
+    "train_cpus",
+    "device",
+    "mddnet_version",
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class TrainedModel(NamedTuple):
     config: Config
     class_names: tuple[str, ...]
     calibration: Calibration | None  # None until `mddnet.calibration` has calibrated it
-    info: dict[str, Any]  # teacher weights, training steps, wall time, device, mddnet version
+    info: dict[str, Any]  # teacher weights, steps, wall time, CPUs, device, mddnet version
 
 
 def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

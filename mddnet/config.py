@@ -82,7 +82,7 @@ def _min(value: float, *, exclusive: bool = False) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CpuConfig:
-    """CPU kernel pinning for numbers that are the same on any x86-64 machine (see `kernels`)."""
+    """CPU kernel pinning: the same numbers on x86-64 CPUs of one maker (see `kernels`)."""
 
     isa: Isa
     threads: int | None = field(metadata=_min(1))
@@ -163,6 +163,7 @@ class ModelConfig:
     identity_decoder: bool
     identity_skips: bool
     identity_detached: bool
+    embed_width: int = field(metadata=_min(1))  # [ours] D of z = this x the deepest teacher channels
     memory: MemoryConfig
 
 
@@ -753,9 +754,17 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return plain(config)
 
 
+# Keys added after checkpoints were first written, with the value those checkpoints were trained
+# with; `config_from_dict` fills them in, so older checkpoints still load.
+_CHECKPOINT_DEFAULTS = {("model", "embed_width"): 2}
+
+
 def config_from_dict(raw: Mapping[str, Any], source: str = "<checkpoint>") -> Config:
     """Rebuild a `Config` saved with `config_to_dict` (its variant and seed already applied)."""
     raw = dict(raw)
+    for (section, key), value in _CHECKPOINT_DEFAULTS.items():
+        if isinstance(raw.get(section), Mapping) and key not in raw[section]:
+            raw[section] = {**raw[section], key: value}
     runtime = {key: raw.pop(key, None) for key in _RUNTIME}
     config = _from_raw(raw, source, whole_file=False).base
     return dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})

@@ -205,6 +205,7 @@ def evaluate_checkpoint(
         "train_steps": trained.info["step"],
         "train_device": trained.info["device"],
         "train_wall_time_s": trained.info["train_wall_time_s"],
+        "train_cpus": trained.info["train_cpus"],  # None: trained before CPUs were recorded
         "scoring": {
             "weights": list(scorer.weights),
             "scale_weights": None if scorer.scale_weights is None else list(scorer.scale_weights),

@@ -1,4 +1,4 @@
-"""CPU kernel pinning: the same numbers on any x86-64 machine (the `cpu` params section).
+"""CPU kernel pinning: the same numbers on x86-64 CPUs of one maker (the `cpu` params section).
 
 torch, oneDNN and MKL pick their CPU kernels by instruction set at the first operation, and
 kernels for AVX2 and AVX-512 round differently, so the same seed trains different weights on
@@ -7,7 +7,9 @@ differently too. [ours] `cpu.isa: avx2` caps all three at AVX2, which every x86-
 last decade has (and which was also the faster choice on the 2-core AMD EPYC measured here), and
 `cpu.threads` fixes the thread count. numpy's own SIMD dispatch is read when numpy is imported,
 so it cannot be capped here; the code whose output feeds the numbers (the benchmark renderer,
-anomaly synthesis, metrics) avoids numpy functions whose result depends on it.
+anomaly synthesis, metrics) avoids numpy functions whose result depends on it. Even pinned, an
+Intel Xeon and an AMD EPYC train different bytes (README, "What the numbers mean"), so checkpoints
+record the CPU that trained them and provenance the one that evaluated.
 
 Call `pin_cpu_kernels` before the first torch operation of the process (notebook setup, CLI);
 `cpu_report` says what is in use, for provenance.

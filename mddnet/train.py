@@ -33,6 +33,7 @@ from mddnet.device import autocast, grad_scaler, memory_format, resolve_device
 from mddnet.distributed import Context, convert_batch_norm, global_sum, init_from_environment
 from mddnet.errors import MddnetError
 from mddnet.io import load_checkpoint, save_checkpoint, write_csv
+from mddnet.kernels import cpu_model
 from mddnet.losses import DiscrepancyOptions, LossTerms, compute_losses
 from mddnet.metrics import loss_plateau
 from mddnet.models import build_model
@@ -88,6 +89,8 @@ class TrainState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0  # summed over resumed runs
+    cpus: list[str] = field(default_factory=list)  # CPU models that ran it, in order (a resumed
+    # run can finish on another machine, and CPU makers train different bytes: see `kernels`)
 
 
 class StepResult(NamedTuple):
@@ -294,6 +297,7 @@ def _payload(run: _Run, config: Config, state: TrainState, complete: bool) -> di
         "losses": state.history,
         "teacher_weights": run.model.teacher.weights_id,
         "train_wall_time_s": state.wall_time_s,
+        "train_cpus": state.cpus,
     }
     if not complete:
         payload["optimizer"] = run.optimizer.state_dict()
@@ -316,7 +320,9 @@ def _resume(run: _Run, config: Config, state_file: Path) -> TrainState:
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scaler.load_state_dict(saved["scaler"])
     log.info("resuming from step %d of %d", saved["step"], config.train.steps)
-    return TrainState(saved["step"], saved["losses"], saved["train_wall_time_s"])
+    return TrainState(
+        saved["step"], saved["losses"], saved["train_wall_time_s"], saved.get("train_cpus", [])
+    )
 
 
 def _batches(run: _Run, config: Config, step: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -403,6 +409,8 @@ def fit(
     state_file = resume_path(checkpoint)
     state = _resume(run, config, state_file) if resume else TrainState()
     resumed_from, earlier = state.step, state.wall_time_s
+    if cpu_model() not in state.cpus[-1:]:
+        state.cpus.append(cpu_model())
     total = config.train.steps
     _log_start(run, config)
     run.network.train()

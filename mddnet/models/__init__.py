@@ -41,7 +41,7 @@ def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = Tru
             f"{list(reductions)}; the bottleneck and decoders need each stage at half the "
             f"previous one's resolution: pick consecutive stages"
         )
-    bottleneck = Bottleneck(teacher.channels)
+    bottleneck = Bottleneck(teacher.channels, config.embed_width * teacher.channels[-1])
     dim = bottleneck.out_channels
     memory = None
     if config.memory.enabled:

@@ -16,6 +16,7 @@ from mddnet.data.datasets import NormalDataset
 from mddnet.data.layout import scan_dataset, split_holdout
 from mddnet.evaluate import evaluate_checkpoint
 from mddnet.io import CheckpointError, load_checkpoint
+from mddnet.kernels import cpu_model
 from mddnet.losses import LossTerms
 from mddnet.models.memory import ClassAwareMemory
 from mddnet.train import LOSS_COLUMNS, fit, resume_path
@@ -72,6 +73,24 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path, monk
     assert _equal(_weights(reference.checkpoint), _weights(resumed.checkpoint))
     assert reference.losses_csv.read_text() == resumed.losses_csv.read_text()
     assert not resume_path(tmp_path / "run.pt").exists()
+    # both parts ran on this CPU: recorded once, as for the uninterrupted run
+    assert load_checkpoint(resumed.checkpoint)["train_cpus"] == [cpu_model()]
+    assert load_checkpoint(reference.checkpoint)["train_cpus"] == [cpu_model()]
+
+
+def test_a_run_resumed_on_another_cpu_records_both(tiny_config, tmp_path, monkeypatch) -> None:
+    config = tiny_config("mddnet", steps=6)
+    monkeypatch.setattr(train_module, "cpu_model", lambda: "CPU A")
+    monkeypatch.setattr(
+        train_module, "compute_losses", _fail_after(train_module.compute_losses, 4)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tmp_path / "m.pt", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "cpu_model", lambda: "CPU B")
+    fit(config, tmp_path / "m.pt", progress=False)
+    assert load_checkpoint(tmp_path / "m.pt")["train_cpus"] == ["CPU A", "CPU B"]
+    assert load_trained_model(tmp_path / "m.pt").info["train_cpus"] == ["CPU A", "CPU B"]
 
 
 def test_resume_state_of_another_config_is_refused(tiny_config, tmp_path, monkeypatch) -> None:

@@ -37,6 +37,7 @@ def _config(**changes: object) -> ModelConfig:
         identity_decoder=True,
         identity_skips=False,
         identity_detached=False,
+        embed_width=2,
         memory=MemoryConfig(
             enabled=True,
             prototypes=2,

@@ -236,6 +236,15 @@ def test_gradients_are_bit_identical_on_every_repeat_at_training_size(params_pat
     assert len(gradients) == 1
 
 
+def test_embed_width_sets_the_channels_of_z_memory_and_decoder_input(params_path: Path) -> None:
+    model = _build(_config(params_path, embed_width=4))
+    images, _, class_ids = _batch(0, batch=2)
+    z = model.bottleneck(model.teacher(images))
+    assert tuple(z.shape) == (2, 448, 2, 2)  # 4 x the deepest stage's 112 channels
+    assert model.memory.prototypes.shape[-1] == 448
+    assert model(images, class_ids).restoration[-1].shape == (2, 112, 4, 4)
+
+
 def test_non_consecutive_stages_are_rejected_naming_the_param(params_path: Path) -> None:
     with pytest.raises(MddnetError, match="model.stages"):
         build_model(_config(params_path, stages=(1, 3)), NUM_CLASSES)
