@@ -163,7 +163,7 @@ class ModelConfig:
     identity_decoder: bool
     identity_skips: bool
     identity_detached: bool
-    embed_width: int = field(metadata=_min(1))  # [ours] D of z = this x the deepest teacher channels
+    embed_width: int = field(metadata=_min(1))  # [ours] D of z = this x the deepest stage channels
     memory: MemoryConfig
 
 
