@@ -139,16 +139,21 @@ def longest_first(trainings: Sequence[Training], params: Path) -> list[Training]
 
     The lanes take runs in this order, so the long runs start first and short ones fill the gaps
     at the end; in dvc.yaml's order (RD first) a lane idled for the last long run. The estimate
-    is steps x decoders: the identity decoder about doubles a step's time (RD 0.34 s, MDD-Net
-    0.8 s at 256 px on one thread). It orders the queue only; every run is the same command.
+    per step is decoders + 2 x the share of images that get an anomaly (each costs a teacher pass
+    on x_a): 1 for RD, 2 for restoration_only, 3 for MDD-Net and 4 with an anomaly on every image,
+    against 7, 15, 19 and 31 minutes measured at 256 px on one thread. It orders the queue only;
+    every run is the same command.
     """
     from mddnet.config import load_params
 
     loaded = load_params(params)
 
-    def cost(training: Training) -> int:
+    def cost(training: Training) -> float:
         config = loaded.config(training.variant)
-        return config.train.steps * (2 if config.model.identity_decoder else 1)
+        synthesis = config.data.synthesis
+        anomalous = 0.0 if synthesis.kind == "none" else synthesis.probability
+        decoders = 2 if config.model.identity_decoder else 1
+        return config.train.steps * (decoders + 2 * anomalous)
 
     return sorted(trainings, key=cost, reverse=True)
 

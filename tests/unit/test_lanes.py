@@ -65,22 +65,32 @@ def test_one_lane_runs_in_order(tmp_path: Path) -> None:
     assert b0 >= a1
 
 
-def test_longest_first_starts_the_two_decoder_runs_and_keeps_ties_in_order(
+def test_longest_first_orders_by_decoders_and_teacher_passes_and_keeps_ties_in_order(
     tmp_path: Path, params_path: Path
 ) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"extends": str(params_path), "train": {"steps": 10}}))
-    keys = ["rd_baseline-s0", "restoration_only-s0", "mddnet-s0", "rd_baseline-s1", "drd_net-s1"]
+    keys = [
+        "rd_baseline-s0",
+        "restoration_only-s0",
+        "mddnet-s0",
+        "rd_baseline-s1",
+        "drd_net-s1",
+        "mddnet_as_stated-s0",
+    ]
     trainings = [Training(f"dvc.yaml:train@{key}", "true", tmp_path, ()) for key in keys]
 
     ordered = [t.key for t in longest_first(trainings, params)]
 
-    # cost = steps x decoders: 20 for mddnet and drd_net, 10 for the one-decoder runs
+    # cost = steps x (decoders + 2 x anomaly share), with the default share 0.5: 40 for the
+    # paper-only variant (an anomaly on every image), 30 for mddnet and drd_net, 20 for
+    # restoration_only, 10 for RD (clean normals)
     assert ordered == [
+        "mddnet_as_stated-s0",
         "mddnet-s0",
         "drd_net-s1",
-        "rd_baseline-s0",
         "restoration_only-s0",
+        "rd_baseline-s0",
         "rd_baseline-s1",
     ]
 
