@@ -225,17 +225,18 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_pipeline)
     p = sub.add_parser(
         "repro",
-        help="dvc repro of a pipeline, its trainings in parallel lanes",
+        help="dvc repro of a pipeline, its per-run stages in parallel lanes",
         description="dvc repro of dvc.yaml, or of pipelines/NAME/dvc.yaml, with the stale "
-        "training stages run side by side (DVC runs them one at a time) and recorded with dvc "
-        "commit; the same numbers as dvc repro. Keep lanes x cpu.threads <= cores.",
+        "per-run stages (trainings, then calibrations, then evaluations) run side by side (DVC "
+        "runs them one at a time) and recorded with dvc commit; the same numbers as dvc repro. "
+        "Keep lanes x cpu.threads <= cores.",
     )
     p.add_argument("--name", default=None, help="pipeline name, as for `mddnet pipeline`")
     p.add_argument(
         "--lanes",
         type=int,
         default=None,
-        help="trainings at a time (default: cores // cpu.threads, at least 1)",
+        help="stages at a time (default: cores // cpu.threads, at least 1)",
     )
     p.set_defaults(func=_repro)
 

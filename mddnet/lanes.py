@@ -1,16 +1,18 @@
-"""`mddnet repro --lanes N`: `dvc repro` with a pipeline's trainings run side by side. [ours]
+"""`mddnet repro --lanes N`: `dvc repro` with a pipeline's per-run stages run side by side. [ours]
 
 DVC holds one lock per repository, so two `dvc repro` cannot share a checkout, and a pipeline's
-trainings (one per variant and seed: minutes to half an hour each on a CPU) run one after the
-other even where cores are idle. Here the stale `train@...` stages run their own commands, as
-DVC renders them from dvc.yaml, in N lanes; `dvc commit` then records them as `dvc repro` would
+per-run stages (one per variant and seed: trainings of minutes to half an hour each on a CPU,
+then a calibration and an evaluation of seconds to a minute each) run one after the other even
+where cores are idle. Here the stale stages of each family (`train@...`, then `calibrate@...`,
+then `evaluate@...`: each reads only what the one before wrote) run their own commands, as DVC
+renders them from dvc.yaml, in N lanes; `dvc commit` then records them as `dvc repro` would
 have, each as soon as it finishes (a session cut short keeps what it finished), and `dvc repro`
-runs the rest (evaluation, tables, figures). The numbers are those of a
-plain `dvc repro`: every training is the same command with the same seed and thread count.
+runs the rest (reference, tables, figures). The numbers are those of a plain `dvc repro`: every
+stage is the same command with the same seed and thread count.
 
 `dvc commit` records the dependencies as they are when it runs, so they must not change while
-the lanes run: their size and modification time are compared with those at the start before
-each training is recorded, and from the first change on nothing more is.
+the lanes run: their size and modification time are compared with those at the start of the
+family before each stage is recorded, and from the first change on nothing more is.
 """
 
 from __future__ import annotations
@@ -31,24 +33,27 @@ from mddnet.errors import MddnetError
 from mddnet.pipeline import PipelinePaths
 
 __all__ = [
-    "Training",
+    "LANE_FAMILIES",
+    "Job",
     "default_lanes",
     "longest_first",
     "prune_removed",
     "repro",
     "run_lanes",
     "snapshot",
-    "stale_trainings",
+    "stale_jobs",
 ]
 
-TRAIN_STAGE = "train@"  # foreach stages of mddnet.pipeline's `train`
+# mddnet.pipeline's foreach stages, in the order they feed each other: each family runs in the
+# lanes once the one before it is recorded
+LANE_FAMILIES = ("train", "calibrate", "evaluate")
 UPSTREAM_STAGE = "prepare"  # what every training reads (the dataset summary)
 SEED_SEPARATOR = "-s"  # mddnet.pipeline names each run <variant>-s<seed>
 
 
 @dataclass(frozen=True)
-class Training:
-    """One stale training stage: its DVC address, rendered command and dependency paths."""
+class Job:
+    """One stale per-run stage: its DVC address, rendered command and dependency paths."""
 
     address: str  # e.g. pipelines/bottle_tire/dvc.yaml:train@mddnet-s0
     cmd: str
@@ -56,8 +61,14 @@ class Training:
     deps: tuple[Path, ...]  # files and folders it reads, params files included
 
     @property
+    def family(self) -> str:
+        """The foreach stage it is one item of: train, calibrate or evaluate."""
+        return self.address.rsplit(":", 1)[-1].split("@", 1)[0]
+
+    @property
     def key(self) -> str:
-        return self.address.split(TRAIN_STAGE, 1)[1]
+        """The run, <variant>-s<seed>."""
+        return self.address.split("@", 1)[1]
 
     @property
     def variant(self) -> str:
@@ -76,8 +87,9 @@ def _inside(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
-def stale_trainings(root: Path, dvc_yaml: str) -> list[Training]:
-    """The training stages of `dvc_yaml` that `dvc status` finds changed, in dvc.yaml's order."""
+def stale_jobs(root: Path, dvc_yaml: str, family: str) -> list[Job]:
+    """The `family@...` stages of `dvc_yaml` that `dvc status` finds changed, in dvc.yaml's
+    order."""
     from dvc.repo import Repo  # DVC renders foreach/${...} itself: no second parser here
 
     with _inside(root), Repo(str(root)) as repo:
@@ -85,10 +97,10 @@ def stale_trainings(root: Path, dvc_yaml: str) -> list[Training]:
         stages = [
             stage
             for stage in repo.stage.collect(dvc_yaml)
-            if TRAIN_STAGE in stage.addressing and stage.addressing in changed
+            if f"{family}@" in stage.addressing and stage.addressing in changed
         ]
         return [
-            Training(
+            Job(
                 address=stage.addressing,
                 cmd=stage.cmd,
                 cwd=Path(stage.wdir),
@@ -134,7 +146,7 @@ def prune_removed(root: Path, dvc_yaml: str) -> list[str]:
     return removed
 
 
-def longest_first(trainings: Sequence[Training], params: Path) -> list[Training]:
+def longest_first(trainings: Sequence[Job], params: Path) -> list[Job]:
     """The trainings ordered by expected length, longest first (ties keep their order).
 
     The lanes take runs in this order, so the long runs start first and short ones fill the gaps
@@ -148,7 +160,7 @@ def longest_first(trainings: Sequence[Training], params: Path) -> list[Training]
 
     loaded = load_params(params)
 
-    def cost(training: Training) -> float:
+    def cost(training: Job) -> float:
         config = loaded.config(training.variant)
         synthesis = config.data.synthesis
         anomalous = 0.0 if synthesis.kind == "none" else synthesis.probability
@@ -170,46 +182,49 @@ def snapshot(paths: Iterable[Path]) -> dict[str, tuple[int, int]]:
 
 
 def run_lanes(
-    trainings: Sequence[Training],
+    jobs: Sequence[Job],
     lanes: int,
     logs: Path,
     echo: Callable[[str], None] = print,
-    on_success: Callable[[Training], None] = lambda _: None,
+    on_success: Callable[[Job], None] = lambda _: None,
 ) -> list[str]:
-    """Run the trainings' commands, `lanes` at a time, each logged to `logs/<key>.log`, and call
-    `on_success` on each that succeeds, as it finishes.
+    """Run the jobs' commands, `lanes` at a time, each logged to `logs/<family>/<key>.log`, and
+    call `on_success` on each that succeeds, as it finishes.
 
     Returns the addresses of those that failed; the others keep running when one fails.
     """
-    logs.mkdir(parents=True, exist_ok=True)
-    total = len(trainings)
 
-    def run(training: Training) -> bool:
-        log = logs / f"{training.key}.log"
-        echo(f"{time.strftime('%H:%M:%S')} start {training.key} (log: {log})")
+    def run(job: Job) -> bool:
+        log = logs / job.family / f"{job.key}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        echo(f"{time.strftime('%H:%M:%S')} start {job.family}@{job.key} (log: {log})")
         start = time.monotonic()
         with log.open("w") as out:
             done = subprocess.run(
-                training.cmd,
+                job.cmd,
                 shell=True,
-                cwd=training.cwd,
+                cwd=job.cwd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=_environment(),
             )
         verdict = "done" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
         echo(
-            f"{time.strftime('%H:%M:%S')} {verdict} {training.key} "
+            f"{time.strftime('%H:%M:%S')} {verdict} {job.family}@{job.key} "
             f"in {time.monotonic() - start:.0f} s"
         )
         if done.returncode == 0:
-            on_success(training)
+            on_success(job)
         return done.returncode == 0
 
     with ThreadPoolExecutor(max_workers=lanes) as pool:
-        succeeded = list(pool.map(run, trainings))
-    echo(f"{sum(succeeded)} of {total} trainings done")
-    return [t.address for t, ok in zip(trainings, succeeded, strict=True) if not ok]
+        succeeded = list(pool.map(run, jobs))
+    echo(f"{sum(succeeded)} of {len(jobs)} {_families(jobs)} stages done")
+    return [t.address for t, ok in zip(jobs, succeeded, strict=True) if not ok]
+
+
+def _families(jobs: Sequence[Job]) -> str:
+    return "/".join(dict.fromkeys(job.family for job in jobs))
 
 
 def _environment() -> dict[str, str]:
@@ -245,15 +260,15 @@ def _threads_note(root: Path, paths: PipelinePaths, lanes: int) -> str | None:
         return None
     return (
         f"{lanes} lanes x cpu.threads {threads} = {lanes * threads} threads on {cores} cores: "
-        "the trainings will slow each other; use fewer lanes"
+        "the runs will slow each other; use fewer lanes"
         + (f" or set cpu.threads: 1 in {paths.params}" if threads > 1 else "")
         + " (the numbers depend on cpu.threads, so keep it as the results were made with)"
     )
 
 
 class _Recorder:
-    """`dvc commit` of each training as it finishes, one at a time, while the dependencies are
-    as they were when the lanes started (`before`); after the first change, none."""
+    """`dvc commit` of each stage as it finishes, one at a time, while the dependencies are as
+    they were when its family started (`before`); after the first change, none."""
 
     def __init__(
         self,
@@ -266,21 +281,49 @@ class _Recorder:
         self.changed = False
         self._lock = threading.Lock()
 
-    def __call__(self, training: Training) -> None:
+    def __call__(self, job: Job) -> None:
         with self._lock:
             self.changed = self.changed or snapshot(self.deps) != self.before
             if self.changed:
-                self.echo(f"not recorded: {training.key} (a dependency changed during the run)")
+                self.echo(
+                    f"not recorded: {job.family}@{job.key} (a dependency changed during the run)"
+                )
                 return
-            _dvc("commit", "--force", training.address, root=self.root)
-            self.echo(f"{time.strftime('%H:%M:%S')} recorded {training.key} in dvc.lock")
+            _dvc("commit", "--force", job.address, root=self.root)
+            self.echo(f"{time.strftime('%H:%M:%S')} recorded {job.family}@{job.key} in dvc.lock")
+
+
+def _run_family(
+    root: Path, paths: PipelinePaths, family: str, lanes: int, echo: Callable[[str], None]
+) -> None:
+    """Run and record the stale stages of one family in the lanes; raise if any is missing."""
+    jobs = stale_jobs(root, paths.dvc_yaml, family)
+    if family == LANE_FAMILIES[0]:
+        jobs = longest_first(jobs, root / paths.params)
+    if not jobs:
+        return
+    deps = {path for job in jobs for path in job.deps}
+    record = _Recorder(root, snapshot(deps), deps, echo)
+    failed = run_lanes(jobs, lanes, root / paths.artifacts / "logs", echo, record)
+    if record.changed:
+        raise MddnetError(
+            f"a dependency of the {family} stages (code, notebook, params, data or an upstream "
+            "output) changed while they ran, so none that finished after the change is "
+            "recorded: run `mddnet repro` again on an unchanged tree"
+        )
+    if failed:
+        raise MddnetError(
+            f"{len(failed)} {family} stage(s) failed: {', '.join(failed)}; the others are "
+            f"recorded. See {paths.artifacts}/logs/{family}/<run>.log and run `mddnet repro` "
+            "again"
+        )
 
 
 def repro(
     root: Path, paths: PipelinePaths, lanes: int | None, echo: Callable[[str], None] = print
 ) -> None:
-    """`dvc repro` of one pipeline, with its stale trainings run in `lanes` parallel lanes
-    (None: `default_lanes`)."""
+    """`dvc repro` of one pipeline, with its stale per-run stages run in `lanes` parallel lanes
+    (None: `default_lanes`), family by family."""
     if lanes is None:
         lanes = default_lanes(root, paths)
     if lanes < 1:
@@ -289,23 +332,9 @@ def repro(
     if removed:
         echo(f"dropped {len(removed)} stage(s) the params no longer name: {', '.join(removed)}")
     _dvc("repro", f"{paths.dvc_yaml}:{UPSTREAM_STAGE}", root=root)
-    trainings = longest_first(stale_trainings(root, paths.dvc_yaml), root / paths.params)
-    if trainings:
-        note = _threads_note(root, paths, lanes)
-        if note:
-            echo(f"warning: {note}")
-        deps = {path for t in trainings for path in t.deps}
-        record = _Recorder(root, snapshot(deps), deps, echo)
-        failed = run_lanes(trainings, lanes, root / paths.artifacts / "logs", echo, record)
-        if record.changed:
-            raise MddnetError(
-                "a dependency of the trainings (code, notebook, params or data) changed while "
-                "they ran, so none that finished after the change is recorded: run `mddnet "
-                "repro` again on an unchanged tree"
-            )
-        if failed:
-            raise MddnetError(
-                f"{len(failed)} training(s) failed: {', '.join(failed)}; the others are "
-                f"recorded. See {paths.artifacts}/logs/<run>.log and run `mddnet repro` again"
-            )
+    note = _threads_note(root, paths, lanes)
+    if note:
+        echo(f"warning: {note}")
+    for family in LANE_FAMILIES:
+        _run_family(root, paths, family, lanes, echo)
     _dvc("repro", paths.dvc_yaml, root=root)

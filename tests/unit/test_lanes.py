@@ -1,8 +1,9 @@
-"""`mddnet repro --lanes`: trainings side by side, recorded as `dvc repro` would record them.
+"""`mddnet repro --lanes`: per-run stages side by side, recorded as `dvc repro` would record them.
 
 The lanes are checked with commands that log their start and end times; the whole flow runs in
-a throwaway DVC repository whose `train` stage has the shape `mddnet pipeline` renders (foreach
-over runs, a `prepare` stage upstream), and DVC itself then says whether everything is recorded.
+a throwaway DVC repository whose `train` and `evaluate` stages have the shape `mddnet pipeline`
+renders (foreach over runs, a `prepare` stage upstream), and DVC itself then says whether
+everything is recorded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from mddnet.errors import MddnetError
 from mddnet.lanes import (
-    Training,
+    Job,
     _threads_note,
     default_lanes,
     longest_first,
@@ -30,7 +31,7 @@ from mddnet.pipeline import PipelinePaths
 PY = sys.executable
 
 
-def _stamping(tmp_path: Path, key: str, seconds: float, exit_code: int = 0) -> Training:
+def _stamping(tmp_path: Path, key: str, seconds: float, exit_code: int = 0) -> Job:
     """A training that writes its start and end times to <key>.json and exits with `exit_code`."""
     stamp = tmp_path / f"{key}.json"
     script = (
@@ -38,7 +39,7 @@ def _stamping(tmp_path: Path, key: str, seconds: float, exit_code: int = 0) -> T
         f"json.dump([s, time.time()], open({str(stamp)!r}, 'w')); print('trained {key}'); "
         f"sys.exit({exit_code})"
     )
-    return Training(f"dvc.yaml:train@{key}", f'"{PY}" -c "{script}"', tmp_path, ())
+    return Job(f"dvc.yaml:train@{key}", f'"{PY}" -c "{script}"', tmp_path, ())
 
 
 def test_two_lanes_overlap_and_a_failure_spares_the_others(tmp_path: Path) -> None:
@@ -53,9 +54,9 @@ def test_two_lanes_overlap_and_a_failure_spares_the_others(tmp_path: Path) -> No
     assert b0 < a1 and a0 < b1  # a and b ran at the same time
     c0, _ = json.loads((tmp_path / "c.json").read_text())
     assert c0 >= min(a1, b1) - 0.05  # c waited for a free lane
-    assert (tmp_path / "logs" / "b.log").read_text() == "trained b\n"
-    assert any("FAILED (exit 3) b" in line for line in lines)
-    assert lines[-1] == "2 of 3 trainings done"
+    assert (tmp_path / "logs" / "train" / "b.log").read_text() == "trained b\n"
+    assert any("FAILED (exit 3) train@b" in line for line in lines)
+    assert lines[-1] == "2 of 3 train stages done"
 
 
 def test_one_lane_runs_in_order(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_longest_first_orders_by_decoders_and_teacher_passes_and_keeps_ties_in_o
         "drd_net-s1",
         "mddnet_as_stated-s0",
     ]
-    trainings = [Training(f"dvc.yaml:train@{key}", "true", tmp_path, ()) for key in keys]
+    trainings = [Job(f"dvc.yaml:train@{key}", "true", tmp_path, ()) for key in keys]
 
     ordered = [t.key for t in longest_first(trainings, params)]
 
@@ -167,9 +168,20 @@ stages:
       params: [train.steps]
       outs:
       - out/${key}.txt
+  evaluate:
+    foreach:
+      rd_baseline-s0: {variant: rd_baseline, seed: 0}
+      rd_baseline-s1: {variant: rd_baseline, seed: 1}
+      mddnet-s0: {variant: mddnet, seed: 0}
+    do:
+      cmd: mkdir -p ev && sed s/^/evaluated-/ out/${key}.txt > ev/${key}.txt
+      deps:
+      - out/${key}.txt
+      outs:
+      - ev/${key}.txt
   tables:
-    cmd: cat out/rd_baseline-s0.txt out/rd_baseline-s1.txt out/mddnet-s0.txt > table.txt
-    deps: [out/rd_baseline-s0.txt, out/rd_baseline-s1.txt, out/mddnet-s0.txt]
+    cmd: cat ev/rd_baseline-s0.txt ev/rd_baseline-s1.txt ev/mddnet-s0.txt > table.txt
+    deps: [ev/rd_baseline-s0.txt, ev/rd_baseline-s1.txt, ev/mddnet-s0.txt]
     outs: [table.txt]
 """
 
@@ -203,19 +215,32 @@ def test_repro_records_parallel_trainings_as_dvc_repro_would(tmp_path, params_pa
     repro(root, PipelinePaths(), lanes=2, echo=lines.append)
 
     assert _stale(root) == {}  # DVC finds every stage recorded and up to date
-    assert (root / "table.txt").read_text() == "rd_baseline 0\nrd_baseline 1\nmddnet 0\n"
+    table = "evaluated-rd_baseline 0\nevaluated-rd_baseline 1\nevaluated-mddnet 0\n"
+    assert (root / "table.txt").read_text() == table
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert {"train@rd_baseline-s0", "train@rd_baseline-s1", "train@mddnet-s0", "tables"} <= set(
-        lock
-    )
-    assert (root / "artifacts" / "logs" / "mddnet-s0.log").is_file()
+    runs = ["rd_baseline-s0", "rd_baseline-s1", "mddnet-s0"]
+    assert {f"{family}@{run}" for family in ("train", "evaluate") for run in runs} <= set(lock)
+    assert (root / "artifacts" / "logs" / "train" / "mddnet-s0.log").is_file()
+    assert (root / "artifacts" / "logs" / "evaluate" / "mddnet-s0.log").is_file()
+    # the evaluations ran in the lanes, each after every training was recorded
+    events = [
+        line.split()[1:3] for line in lines if line.split()[1:2] in (["start"], ["recorded"])
+    ]
+    last_training = max(i for i, (_, s) in enumerate(events) if s.startswith("train@"))
+    first_evaluation = min(i for i, (_, s) in enumerate(events) if s.startswith("evaluate@"))
+    assert last_training < first_evaluation
+    assert [line for line in lines if "stages done" in line] == [
+        "3 of 3 train stages done",
+        "3 of 3 evaluate stages done",
+    ]
 
     (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("3", "4"))
-    assert set(_stale(root)) == {"train@rd_baseline-s0", "train@rd_baseline-s1", "train@mddnet-s0"}
+    assert set(_stale(root)) == {f"train@{run}" for run in runs}
     lines.clear()
     repro(root, PipelinePaths(), lanes=2, echo=lines.append)
     assert _stale(root) == {}
-    assert lines[-1] == "3 of 3 trainings done"
+    # the outputs are the same, so DVC finds the evaluations up to date: only the trainings ran
+    assert [line for line in lines if "stages done" in line] == ["3 of 3 train stages done"]
 
 
 @pytest.mark.slow
@@ -238,15 +263,17 @@ def test_each_training_is_recorded_as_it_finishes(tmp_path, params_path) -> None
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert {"train@mddnet-s0", "train@rd_baseline-s0"} <= set(lock)
     assert "train@rd_baseline-s1" not in lock
-    assert "not recorded: rd_baseline-s1 (a dependency changed during the run)" in lines
+    assert "not recorded: train@rd_baseline-s1 (a dependency changed during the run)" in lines
 
 
 @pytest.mark.slow
 def test_a_failed_training_is_named_and_the_others_are_recorded(tmp_path, params_path) -> None:
     root = _dvc_repo(tmp_path, params_path, TRAIN + " && test ${item.variant} = rd_baseline")
-    with pytest.raises(MddnetError, match=r"1 training\(s\) failed: train@mddnet-s0;"):
+    with pytest.raises(MddnetError, match=r"1 train stage\(s\) failed: train@mddnet-s0;"):
         repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
-    assert set(_stale(root)) == {"train@mddnet-s0", "tables"}
+    # nothing downstream ran: the evaluations wait for every training
+    runs = ("rd_baseline-s0", "rd_baseline-s1", "mddnet-s0")
+    assert set(_stale(root)) == {"train@mddnet-s0", "tables"} | {f"evaluate@{r}" for r in runs}
 
 
 @pytest.mark.slow
@@ -257,8 +284,8 @@ def test_a_run_taken_out_of_the_params_and_a_moved_output_are_forgotten(
     repro(root, PipelinePaths(), lanes=2, echo=lambda _: None)
     dvc_yaml = (root / "dvc.yaml").read_text()
     dvc_yaml = dvc_yaml.replace("      rd_baseline-s1: {variant: rd_baseline, seed: 1}\n", "")
-    dvc_yaml = dvc_yaml.replace(" out/rd_baseline-s1.txt,", "").replace(
-        " out/rd_baseline-s1.txt", ""
+    dvc_yaml = dvc_yaml.replace(" ev/rd_baseline-s1.txt,", "").replace(
+        " ev/rd_baseline-s1.txt", ""
     )
     dvc_yaml = dvc_yaml.replace("table.txt", "t/table.txt")
     (root / "dvc.yaml").write_text(dvc_yaml.replace("cmd: cat", "cmd: mkdir -p t && cat"))
@@ -268,10 +295,14 @@ def test_a_run_taken_out_of_the_params_and_a_moved_output_are_forgotten(
 
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert "train@rd_baseline-s1" not in lock and "train@rd_baseline-s0" in lock
-    assert not (root / "out" / "rd_baseline-s1.txt").exists()  # the removed run's output
+    assert "evaluate@rd_baseline-s1" not in lock
+    assert not (root / "out" / "rd_baseline-s1.txt").exists()  # the removed run's outputs
+    assert not (root / "ev" / "rd_baseline-s1.txt").exists()
     assert not (root / "table.txt").exists()  # recorded before, no longer declared
-    assert (root / "t" / "table.txt").read_text() == "rd_baseline 0\nmddnet 0\n"
-    assert lines[0] == "dropped 1 stage(s) the params no longer name: train@rd_baseline-s1"
+    table = "evaluated-rd_baseline 0\nevaluated-mddnet 0\n"
+    assert (root / "t" / "table.txt").read_text() == table
+    dropped = "train@rd_baseline-s1, evaluate@rd_baseline-s1"
+    assert lines[0] == f"dropped 2 stage(s) the params no longer name: {dropped}"
     assert _stale(root) == {}
 
 
