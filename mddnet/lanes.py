@@ -74,6 +74,11 @@ class Job:
     def variant(self) -> str:
         return self.key.rsplit(SEED_SEPARATOR, 1)[0]
 
+    @property
+    def stage(self) -> str:
+        """The stage's name as `dvc repro` prints it, e.g. train@mddnet-s0."""
+        return f"{self.family}@{self.key}"
+
 
 @contextmanager
 def _inside(folder: Path) -> Iterator[None]:
@@ -197,7 +202,7 @@ def run_lanes(
     def run(job: Job) -> bool:
         log = logs / job.family / f"{job.key}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        echo(f"{time.strftime('%H:%M:%S')} start {job.family}@{job.key} (log: {log})")
+        echo(f"{time.strftime('%H:%M:%S')} start {job.stage} (log: {log})")
         start = time.monotonic()
         with log.open("w") as out:
             done = subprocess.run(
@@ -210,7 +215,7 @@ def run_lanes(
             )
         verdict = "done" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
         echo(
-            f"{time.strftime('%H:%M:%S')} {verdict} {job.family}@{job.key} "
+            f"{time.strftime('%H:%M:%S')} {verdict} {job.stage} "
             f"in {time.monotonic() - start:.0f} s"
         )
         if done.returncode == 0:
@@ -285,18 +290,19 @@ class _Recorder:
         with self._lock:
             self.changed = self.changed or snapshot(self.deps) != self.before
             if self.changed:
-                self.echo(
-                    f"not recorded: {job.family}@{job.key} (a dependency changed during the run)"
-                )
+                self.echo(f"not recorded: {job.stage} (a dependency changed during the run)")
                 return
             _dvc("commit", "--force", job.address, root=self.root)
-            self.echo(f"{time.strftime('%H:%M:%S')} recorded {job.family}@{job.key} in dvc.lock")
+            self.echo(f"{time.strftime('%H:%M:%S')} recorded {job.stage} in dvc.lock")
 
 
 def _run_family(
     root: Path, paths: PipelinePaths, family: str, lanes: int, echo: Callable[[str], None]
 ) -> None:
-    """Run and record the stale stages of one family in the lanes; raise if any is missing."""
+    """Run and record the stale stages of one family in the lanes.
+
+    Raise if one failed or a dependency changed while they ran; the others stay recorded.
+    """
     jobs = stale_jobs(root, paths.dvc_yaml, family)
     if family == LANE_FAMILIES[0]:
         jobs = longest_first(jobs, root / paths.params)
