@@ -164,6 +164,8 @@ class ModelConfig:
     identity_skips: bool
     identity_detached: bool
     embed_width: int = field(metadata=_min(1))  # [ours] D of z = this x the deepest stage channels
+    bottleneck_blocks: int = field(metadata=_min(1))  # [ours] residual blocks that make z
+    decoder_blocks: int = field(metadata=_min(1))  # [ours] residual blocks per decoder stage
     memory: MemoryConfig
 
 
@@ -756,7 +758,11 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 # Keys added after checkpoints were first written, with the value those checkpoints were trained
 # with; `config_from_dict` fills them in, so older checkpoints still load.
-_CHECKPOINT_DEFAULTS = {("model", "embed_width"): 2}
+_CHECKPOINT_DEFAULTS = {
+    ("model", "embed_width"): 2,
+    ("model", "bottleneck_blocks"): 1,
+    ("model", "decoder_blocks"): 1,
+}
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<checkpoint>") -> Config:

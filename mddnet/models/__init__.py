@@ -41,7 +41,9 @@ def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = Tru
             f"{list(reductions)}; the bottleneck and decoders need each stage at half the "
             f"previous one's resolution: pick consecutive stages"
         )
-    bottleneck = Bottleneck(teacher.channels, config.embed_width * teacher.channels[-1])
+    bottleneck = Bottleneck(
+        teacher.channels, config.embed_width * teacher.channels[-1], config.bottleneck_blocks
+    )
     dim = bottleneck.out_channels
     memory = None
     if config.memory.enabled:
@@ -55,9 +57,9 @@ def build_model(config: ModelConfig, num_classes: int, *, pretrained: bool = Tru
     return MDDNet(
         teacher,
         bottleneck,
-        restoration_decoder=Decoder(dim, teacher.channels),
+        restoration_decoder=Decoder(dim, teacher.channels, config.decoder_blocks),
         identity_decoder=(
-            Decoder(dim, teacher.channels, skips=config.identity_skips)
+            Decoder(dim, teacher.channels, config.decoder_blocks, skips=config.identity_skips)
             if config.identity_decoder
             else None
         ),

@@ -2,9 +2,10 @@
 
 [ours] MDD-Net's paper leaves the bottleneck unstated; we take reverse distillation's: every
 shallower teacher map is brought to the deepest stage's resolution by strided 3x3 convs, the maps
-are concatenated and fused by a 1x1 conv, and a stride-2 ResNet bottleneck block compresses them
-into the embedding z that both decoders (and the class-aware memory) read. The compression is what
-keeps anomalous detail from passing straight to the decoders.
+are concatenated and fused by a 1x1 conv, and a stride-2 ResNet bottleneck block (then, with
+`blocks` > 1, stride-1 ones, as RD4AD's three) compresses them into the embedding z that both
+decoders (and the class-aware memory) read. The compression is what keeps anomalous detail from
+passing straight to the decoders.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class Bottleneck(nn.Module):
     to layer3 that RD4AD's embedding has with its wide_resnet50_2 teacher.
     """
 
-    def __init__(self, channels: Sequence[int], embed_dim: int | None = None) -> None:
+    def __init__(
+        self, channels: Sequence[int], embed_dim: int | None = None, blocks: int = 1
+    ) -> None:
         super().__init__()
         channels = tuple(channels)
         if not channels:
@@ -61,6 +64,13 @@ class Bottleneck(nn.Module):
                 resnet.conv1x1(embed_dim, embed_dim, stride=2), nn.BatchNorm2d(embed_dim)
             ),
         )
+        # Empty at blocks=1, so the default model keeps its parameters and initial values.
+        self.refine = nn.Sequential(
+            *(
+                resnet.Bottleneck(embed_dim, embed_dim // resnet.Bottleneck.expansion)
+                for _ in range(blocks - 1)
+            )
+        )
         self.out_channels = embed_dim
 
     def forward(self, features: list[Tensor]) -> Tensor:
@@ -72,4 +82,4 @@ class Bottleneck(nn.Module):
         # [(B, C_i, H/r_i, W/r_i)] -> [(B, C_last, H/r_last, W/r_last)] each
         aligned = [align(f) for align, f in zip(self.align, features, strict=True)]
         fused = self.fuse(torch.cat(aligned, dim=1))  # (B, D, H/r_last, W/r_last)
-        return self.residual(fused)  # (B, D, H/(2 r_last), W/(2 r_last))
+        return self.refine(self.residual(fused))  # (B, D, H/(2 r_last), W/(2 r_last))

@@ -109,7 +109,8 @@ def test_unknown_key_in_variant_override_names_file_and_full_path(tmp_path, raw)
     message = str(err.value)
     assert message.startswith(f"{path}: variants.no_cmm.override.model.memroy: unknown key")
     expected = "backbone, weights, stages, identity_decoder, identity_skips, identity_detached"
-    assert f"expected one of: {expected}, embed_width, memory" in message
+    added = "embed_width, bottleneck_blocks, decoder_blocks"
+    assert f"expected one of: {expected}, {added}, memory" in message
 
 
 def test_unknown_key_in_section(tmp_path, raw) -> None:
@@ -316,14 +317,18 @@ def test_config_round_trips_through_a_plain_dict(params_path: Path) -> None:
     assert (rebuilt.variant, rebuilt.seed, rebuilt.checkpoint_variant) == ("score_ri", 1, "mddnet")
 
 
-def test_checkpoint_config_from_before_embed_width_loads_with_the_width_it_was_trained_at(
-    params_path: Path,
+@pytest.mark.parametrize(
+    ("key", "trained_with", "other"),
+    [("embed_width", 2, 4), ("bottleneck_blocks", 1, 3), ("decoder_blocks", 1, 2)],
+)
+def test_checkpoint_config_from_before_a_model_key_loads_with_the_value_it_was_trained_at(
+    params_path: Path, key: str, trained_with: int, other: int
 ) -> None:
     plain = config_to_dict(load_config(params_path))
-    del plain["model"]["embed_width"]  # what checkpoints written before the key hold
-    assert config_from_dict(plain).model.embed_width == 2  # the width they were trained with
-    plain["model"]["embed_width"] = 4  # a present value is kept
-    assert config_from_dict(plain).model.embed_width == 4
+    del plain["model"][key]  # what checkpoints written before the key hold
+    assert getattr(config_from_dict(plain).model, key) == trained_with
+    plain["model"][key] = other  # a present value is kept
+    assert getattr(config_from_dict(plain).model, key) == other
 
 
 def test_config_is_frozen(params_path: Path) -> None:

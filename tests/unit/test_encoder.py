@@ -38,6 +38,8 @@ def _config(**changes: object) -> ModelConfig:
         identity_skips=False,
         identity_detached=False,
         embed_width=2,
+        bottleneck_blocks=1,
+        decoder_blocks=1,
         memory=MemoryConfig(
             enabled=True,
             prototypes=2,

@@ -245,6 +245,52 @@ def test_embed_width_sets_the_channels_of_z_memory_and_decoder_input(params_path
     assert model(images, class_ids).restoration[-1].shape == (2, 112, 4, 4)
 
 
+def test_one_block_each_keeps_the_default_model_parameter_for_parameter(params_path: Path) -> None:
+    # bottleneck_blocks = decoder_blocks = 1 must build the model trained before the keys existed:
+    # same parameter names (so old checkpoints load), no extra modules (same initial values).
+    names = set(_build(_config(params_path)).state_dict())
+    assert not any(".refine." in name for name in names)
+    bigger = set(_build(_config(params_path, bottleneck_blocks=3, decoder_blocks=2)).state_dict())
+    assert names < bigger
+    assert {name.split(".")[0] for name in bigger - names} == {
+        "bottleneck",
+        "restoration_decoder",
+        "identity_decoder",
+    }
+
+
+def test_extra_blocks_add_the_hand_counted_parameters_and_keep_the_shapes() -> None:
+    # RefineBlock(c): two bias-free 3x3 convs (9 c^2 each) and two BatchNorms (2c each)
+    decoder = Decoder(32, CHANNELS, blocks=2)
+    added = sum(18 * c * c + 4 * c for c in CHANNELS)
+    assert _count(decoder) - _count(Decoder(32, CHANNELS)) == added
+    outputs = decoder.eval()(torch.randn(2, 32, 2, 2))
+    assert [tuple(f.shape) for f in outputs] == [(2, 8, 16, 16), (2, 12, 8, 8), (2, 16, 4, 4)]
+    # a stride-1 ResNet bottleneck at D = 32 (width 8): 1x1 32->8, 3x3 8->8, 1x1 8->32, 3 BNs
+    per_block = 32 * 8 + 9 * 8 * 8 + 8 * 32 + 2 * (8 + 8 + 32)
+    bottleneck = Bottleneck((8, 16), 32, blocks=3)
+    assert _count(bottleneck) - _count(Bottleneck((8, 16), 32)) == 2 * per_block
+    z = bottleneck.eval()([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)])
+    assert tuple(z.shape) == (2, 32, 2, 2)
+
+
+def test_a_refine_block_with_zeroed_last_batchnorm_is_the_identity() -> None:
+    # so a decoder with extra blocks computes its stages through them, not beside them
+    torch.manual_seed(0)
+    plain = Decoder(32, CHANNELS).eval()
+    deeper = Decoder(32, CHANNELS, blocks=2).eval()
+    deeper.load_state_dict(plain.state_dict(), strict=False)
+    z = torch.randn(2, 32, 2, 2)
+    changed = [torch.equal(a, b) for a, b in zip(plain(z), deeper(z), strict=True)]
+    assert not any(changed)
+    with torch.no_grad():
+        for stage in deeper.refine:
+            stage[0].main[-1].weight.zero_()
+            stage[0].main[-1].bias.zero_()
+    for a, b in zip(plain(z), deeper(z), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_non_consecutive_stages_are_rejected_naming_the_param(params_path: Path) -> None:
     with pytest.raises(MddnetError, match="model.stages"):
         build_model(_config(params_path, stages=(1, 3)), NUM_CLASSES)
