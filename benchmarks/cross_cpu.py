@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import yaml
 
-from mddnet.config import load_config
+from mddnet.config import config_to_dict, load_config
 from mddnet.kernels import cpu_report, pin_cpu_kernels
 
 MODES = {"onednn_on": "", "onednn_off": "torch.backends.mkldnn.enabled = False; "}
@@ -64,6 +64,14 @@ def fingerprint(checkpoint: Path) -> dict[str, Any]:
     return {"losses": losses, "weights_sha256": digest.hexdigest()}
 
 
+def config_sha256(params: Path, variant: str) -> str:
+    """sha256 of the run's resolved config less its data folder (a temporary one per run): two
+    fingerprints are comparable only if they trained the same model on the same data."""
+    plain = config_to_dict(load_config(params, variant))
+    del plain["data"]["root"]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
 def run(params: Path, variants: list[str], steps: int, root: Path) -> dict[str, Any]:
     """Fingerprints of every (mode, variant) on this CPU."""
     root.mkdir(parents=True, exist_ok=True)
@@ -85,7 +93,10 @@ def run(params: Path, variants: list[str], steps: int, root: Path) -> dict[str, 
         for variant in variants:
             out = root / mode / f"{variant}.pt"
             seconds = _train(short, variant, out, mode)
-            runs[f"{mode}/{variant}"] = fingerprint(out) | {"wall_time_s": round(seconds, 1)}
+            runs[f"{mode}/{variant}"] = fingerprint(out) | {
+                "config_sha256": config_sha256(short, variant),
+                "wall_time_s": round(seconds, 1),
+            }
     return {"cpu": cpu_report(), "steps": steps, "torch": torch.__version__, "runs": runs}
 
 
@@ -98,12 +109,18 @@ def first_difference(a: list[str], b: list[str]) -> int | None:
 
 
 def compare(folder: Path) -> list[str]:
-    """One line per pair of fingerprint files and run: identical, or where they part."""
+    """One line per pair of fingerprint files and run: identical, where they part, or not
+    comparable (other configs, e.g. a default changed between the two; or one not recorded)."""
     found = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     lines = []
     for (name_a, a), (name_b, b) in combinations(found.items(), 2):
         for key in sorted(set(a["runs"]) & set(b["runs"])):
             ra, rb = a["runs"][key], b["runs"][key]
+            if ra.get("config_sha256") is None or ra.get("config_sha256") != rb.get(
+                "config_sha256"
+            ):
+                lines.append(f"{name_a} vs {name_b}, {key}: not comparable (other configs)")
+                continue
             step = first_difference(ra["losses"], rb["losses"])
             same = step is None and ra["weights_sha256"] == rb["weights_sha256"]
             verdict = "identical" if same else f"differ from step {step or 'end (weights)'}"

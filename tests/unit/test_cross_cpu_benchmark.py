@@ -33,10 +33,10 @@ def _write(folder: Path, name: str, runs: dict) -> None:
 def test_compare_names_each_pair_and_run_and_where_they_part(
     cross_cpu: ModuleType, tmp_path: Path
 ) -> None:
-    same = {"losses": ["3.0", "2.0"], "weights_sha256": "aa"}
+    same = {"losses": ["3.0", "2.0"], "weights_sha256": "aa", "config_sha256": "c1"}
     _write(tmp_path, "intel", {"on/rd": same, "off/rd": same})
-    other_step_2 = {"losses": ["3.0", "2.1"], "weights_sha256": "bb"}
-    other_weights = {"losses": ["3.0", "2.0"], "weights_sha256": "cc"}
+    other_step_2 = {"losses": ["3.0", "2.1"], "weights_sha256": "bb", "config_sha256": "c1"}
+    other_weights = {"losses": ["3.0", "2.0"], "weights_sha256": "cc", "config_sha256": "c1"}
     _write(tmp_path, "amd", {"on/rd": other_step_2, "off/rd": other_weights})
     assert cross_cpu.compare(tmp_path) == [
         "amd vs intel, off/rd: differ from step end (weights)",
@@ -44,6 +44,13 @@ def test_compare_names_each_pair_and_run_and_where_they_part(
     ]
     _write(tmp_path, "amd", {"on/rd": same})
     assert cross_cpu.compare(tmp_path) == ["amd vs intel, on/rd: identical"]
+    # the same bytes from another model, or from a file that did not record its config
+    other_model = same | {"config_sha256": "c2"}
+    _write(tmp_path, "amd", {"on/rd": other_model, "off/rd": same | {"config_sha256": None}})
+    assert cross_cpu.compare(tmp_path) == [
+        "amd vs intel, off/rd: not comparable (other configs)",
+        "amd vs intel, on/rd: not comparable (other configs)",
+    ]
 
 
 @pytest.mark.slow
@@ -60,3 +67,11 @@ def test_a_run_fingerprints_both_modes_and_is_reproducible(
         assert len(fingerprint["losses"]) == 2
         assert fingerprint["losses"] == again["runs"][key]["losses"]
         assert fingerprint["weights_sha256"] == again["runs"][key]["weights_sha256"]
+        assert fingerprint["config_sha256"] == again["runs"][key]["config_sha256"]
+    # the config digest is the variant's (RD's), and does not depend on the temporary data folder
+    assert first["runs"]["onednn_on/rd_baseline"]["config_sha256"] == cross_cpu.config_sha256(
+        tmp_path / "b" / "params.yaml", "rd_baseline"
+    )
+    assert cross_cpu.config_sha256(params, "rd_baseline") != cross_cpu.config_sha256(
+        params, "mddnet"
+    )
