@@ -399,7 +399,8 @@ def fit(
     `data.root`. With `resume=True` an in-progress run of the same config continues from its
     last resume checkpoint; one written for another config is refused, not reused. Started by
     `torchrun`, the processes share every global batch and only the main one writes files.
-    `progress=False` replaces the progress bar by one log line per epoch (for notebooks).
+    `progress=False` replaces the progress bar by a log line at every tenth of the steps (for
+    notebooks: a short record above the summary, not one line per epoch).
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -409,8 +410,9 @@ def fit(
     state_file = resume_path(checkpoint)
     state = _resume(run, config, state_file) if resume else TrainState()
     resumed_from, earlier = state.step, state.wall_time_s
-    if cpu_model() not in state.cpus[-1:]:
-        state.cpus.append(cpu_model())
+    here = cpu_model()
+    if here not in state.cpus[-1:]:
+        state.cpus.append(here)
     total = config.train.steps
     _log_start(run, config)
     run.network.train()
@@ -423,7 +425,7 @@ def fit(
     )
     batches = _batches(run, config, state.step)
     while state.step < total:
-        _step(run, config, state, batches, log_epoch=not progress)
+        _step(run, config, state, batches, log_tenths=not progress)
         bar.update(1)
         bar.set_postfix(loss=f"{state.history[-1]['total']:.4f}")
         if state.step % config.train.checkpoint_every == 0 and state.step < total:
@@ -461,7 +463,7 @@ def _step(
     config: Config,
     state: TrainState,
     batches: Iterator[tuple[int, dict[str, Any]]],
-    log_epoch: bool,
+    log_tenths: bool,
 ) -> None:
     """One step of the loop: memory initialisation when due, lr, train_step, history."""
     memory = config.model.memory
@@ -478,13 +480,9 @@ def _step(
     _check_finite(logged, state.step)  # stops before a non-finite step is saved anywhere
     state.step += 1
     state.history.append({"step": state.step, "epoch": epoch, "lr": lr} | logged | result.memory)
-    next_epoch = (
-        state.step == config.train.steps or state.step % _steps_per_epoch(run, config) == 0
-    )
-    if log_epoch and next_epoch:
-        log.info(
-            "step %d/%d epoch %d: %s", state.step, config.train.steps, epoch, _summary(logged)
-        )
+    total = config.train.steps
+    if log_tenths and (state.step == total or state.step % max(1, total // 10) == 0):
+        log.info("step %d/%d epoch %d: %s", state.step, total, epoch, _summary(logged))
 
 
 def _memory_init_step(config: Config) -> int:

@@ -64,7 +64,8 @@ class Bottleneck(nn.Module):
                 resnet.conv1x1(embed_dim, embed_dim, stride=2), nn.BatchNorm2d(embed_dim)
             ),
         )
-        # Empty at blocks=1, so the default model keeps its parameters and initial values.
+        # Empty at blocks=1: the model trained before these blocks existed (the same parameters
+        # and initial values), so its checkpoints load.
         self.refine = nn.Sequential(
             *(
                 resnet.Bottleneck(embed_dim, embed_dim // resnet.Bottleneck.expansion)

@@ -95,7 +95,8 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(
             UpBlock(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         )
-        # Empty at blocks=1, so the default model keeps its parameters and initial values.
+        # Empty at blocks=1: the model trained before these blocks existed (the same parameters
+        # and initial values), so its checkpoints load.
         self.refine = nn.ModuleList(
             nn.Sequential(*(RefineBlock(c) for _ in range(blocks - 1))) for c in widths[1:]
         )

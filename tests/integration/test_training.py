@@ -48,6 +48,14 @@ def test_same_seed_gives_identical_weights_and_losses(tiny_config, tmp_path) -> 
     assert not _equal(_weights(first.checkpoint), _weights(other.checkpoint))
 
 
+def test_without_progress_bar_it_logs_every_tenth_of_the_steps(tiny_config, tmp_path, caplog):
+    # a notebook's record: 10 lines, not one per epoch (20 steps are about 7 epochs of 18 images)
+    with caplog.at_level("INFO", logger="mddnet.train"):
+        fit(tiny_config("rd_baseline", steps=20), tmp_path / "m.pt", progress=False)
+    steps = [r.args[0] for r in caplog.records if r.msg.startswith("step %d/%d")]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path, monkeypatch) -> None:
     config = tiny_config("mddnet", steps=6)
     reference = fit(config, tmp_path / "ref.pt", progress=False)

@@ -151,7 +151,7 @@ def test_executed_notebooks_show_their_figures_and_no_machine_path(reproduced: P
             found = MACHINE_PATH.search(path.read_text(encoding="utf-8"))
             assert not found, f"{path.relative_to(reproduced)}: {found.group(0)!r}"
     train = (results / "notebooks" / "02_train" / "mddnet-s0.ipynb").read_text()
-    assert "it/s" not in train and "step/s" not in train  # a line per epoch, no progress bars
+    assert "it/s" not in train and "step/s" not in train  # a line per tenth of the steps, no progress bars
 
 
 def test_metrics_show_is_one_narrow_row_per_variant(reproduced: Path) -> None:
