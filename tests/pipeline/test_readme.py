@@ -35,13 +35,13 @@ def test_ci_runs_the_readme_setup_and_test_command() -> None:
 def test_the_try_a_setting_example_is_the_one_the_pipeline_test_runs() -> None:
     readme = (REPO / "README.md").read_text()
     test = (REPO / "tests" / "pipeline" / "test_repro.py").read_text()
-    assert "dvc exp run -S evaluate.fusion.restoration_identity=0 " in readme
+    assert "dvc exp run -S evaluate.fusion.restoration_identity=1 " in readme
     assert 'TRY_A_SETTING = "evaluate.fusion.restoration_identity"' in test
     # As written, the example moves the committed default's numbers: some seed's calibration
-    # chose a restoration-identity weight other than 0, the weight the example sets.
+    # chose a restoration-identity weight other than 1, the weight the example sets.
     provenances = sorted((REPO / "results" / "provenance").glob("mddnet-s*.json"))
     weights = [json.loads(p.read_text())["scoring"]["weights"][1] for p in provenances]
-    assert len(weights) >= 3 and any(weight != 0 for weight in weights), weights
+    assert len(weights) >= 3 and any(weight != 1 for weight in weights), weights
 
 
 def _slug(heading: str) -> str:

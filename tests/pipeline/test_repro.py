@@ -151,7 +151,7 @@ def test_executed_notebooks_show_their_figures_and_no_machine_path(reproduced: P
             found = MACHINE_PATH.search(path.read_text(encoding="utf-8"))
             assert not found, f"{path.relative_to(reproduced)}: {found.group(0)!r}"
     train = (results / "notebooks" / "02_train" / "mddnet-s0.ipynb").read_text()
-    assert "it/s" not in train and "step/s" not in train  # a line per tenth of the steps, no progress bars
+    assert "it/s" not in train and "step/s" not in train  # log lines, no progress bars
 
 
 def test_metrics_show_is_one_narrow_row_per_variant(reproduced: Path) -> None:
@@ -197,12 +197,12 @@ def test_editing_a_scoring_table_or_figure_module_retrains_nothing(reproduced: P
 def test_readme_try_a_setting_reruns_only_what_depends_on_it(reproduced: Path) -> None:
     """The README's `dvc exp run -S` example: a fusion setting re-evaluates, never retrains.
 
-    The README sets the restoration-identity weight to 0; where the calibration chose 0 itself
-    (no number would move), the test sets 1 instead. An image score would not do: with two
+    The README sets the restoration-identity weight to 1; where the calibration chose 1 itself
+    (no number would move), the test sets 0 instead. An image score would not do: with two
     defects per class both scores can rank the images alike, and only image metrics depend on it.
     """
     scoring = json.loads((reproduced / "results/provenance/mddnet-s0.json").read_text())["scoring"]
-    weight = "0" if scoring["weights"][1] != 0 else "1"
+    weight = "1" if scoring["weights"][1] != 1 else "0"
     run = _dvc(reproduced, "exp", "run", "-S", f"{TRY_A_SETTING}={weight}")
     ran = set(re.findall(r"Running stage '([^']+)'", run.stdout))
     assert ran and not any(name.startswith(("train@", "prepare")) for name in ran), ran

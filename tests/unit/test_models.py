@@ -245,9 +245,10 @@ def test_embed_width_sets_the_channels_of_z_memory_and_decoder_input(params_path
     assert model(images, class_ids).restoration[-1].shape == (2, 112, 4, 4)
 
 
-def test_one_block_each_builds_the_model_trained_before_the_keys_existed(params_path: Path) -> None:
-    # bottleneck_blocks = decoder_blocks = 1 (the default until 2026-12-05, the checkpoint backfill):
-    # same parameter names (so old checkpoints load), no extra modules (same initial values).
+def test_one_block_each_builds_the_model_from_before_the_keys(params_path: Path) -> None:
+    # bottleneck_blocks = decoder_blocks = 1 (the default until 2026-12-05, and the checkpoint
+    # backfill): same parameter names (so old checkpoints load), no extra modules (same initial
+    # values).
     names = set(_build(_config(params_path, bottleneck_blocks=1, decoder_blocks=1)).state_dict())
     assert not any(".refine." in name for name in names)
     bigger = set(_build(_config(params_path, bottleneck_blocks=3, decoder_blocks=2)).state_dict())
