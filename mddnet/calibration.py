@@ -8,9 +8,11 @@ re-runs calibration and evaluation, not training:
    image and of its synthetic *validation* anomalies, kept per teacher scale. The validation
    anomalies come from recipes the default training does not use (`VALIDATION_KINDS`: CutPaste, a
    structural anomaly, and RD++'s additive noise box), so the choice does not simply reward the RI
-   map for recognising its own training anomalies. Each image gets a large copy (boxes 1/8-1/2 of
-   the side) and a small one (the same recipe inside a window of `SMALL_WINDOW` of the side): real
-   defects are often small, and only small ones tell the fine scales' worth.
+   map for recognising its own training anomalies. Each image gets a large copy (boxes 1/8-1/2
+   of the side) and a small one (the same recipe inside a window of `SMALL_WINDOW` of the side):
+   real defects are often small, and only small ones tell the fine scales' worth. Their settings
+   are fixed (`VALIDATION_SYNTHESIS`), not read from `data.synthesis`: a screen of the training
+   synthesis must be scored on the same validation images as the model it is compared with.
 2. Choices: the paper's fusion (the plain sum over scales and of both maps, max-pooled) is the
    first candidate; then every per-scale weighting (`calibration.scale_weights`), RI weight
    (`calibration.restoration_identity`) and image score (`calibration.image_score`) on maps
@@ -39,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mddnet.checkpoint import Calibration, load_trained_model
-from mddnet.config import Config, ImageScore
+from mddnet.config import Config, ImageScore, SynthesisConfig
 from mddnet.data.anomalies import synthesize
 from mddnet.data.datasets import NormalDataset, normalize
 from mddnet.data.layout import Sample, scan_dataset
@@ -61,6 +63,7 @@ from mddnet.scoring import (
 __all__ = [
     "SMALL_WINDOW",
     "VALIDATION_KINDS",
+    "VALIDATION_SYNTHESIS",
     "calibrate",
     "calibrate_checkpoint",
     "candidates_table",
@@ -75,6 +78,16 @@ VALIDATION_KINDS = ("cutpaste", "simplex")  # alternate over the held-out images
 SMALL_WINDOW = 0.25  # side of the window a small validation anomaly is made in (of the image's)
 VALIDATION_SEED = 104_729  # a fixed stream: every run validates on the same anomalies
 CRITERION = ("image_auroc", "pixel_auroc", "pixel_aupro")  # averaged to rank the candidates
+# the noise box's amplitude range and scales: params.yaml's data.synthesis, which every
+# validation set had before it was fixed here (kind and probability are set per image)
+VALIDATION_SYNTHESIS = SynthesisConfig(
+    kind="simplex",
+    probability=1.0,
+    strength=(0.2, 1.0),
+    texture_source="procedural",
+    perlin_max_scale=6,
+    threshold=0.5,
+)
 
 
 class _ScaleMaps(NamedTuple):
@@ -109,11 +122,11 @@ def _small(image: np.ndarray, recipe: Any, rng: np.random.Generator) -> tuple[An
     return anomalous, mask
 
 
-def validation_anomalies(pixels: torch.Tensor, index: int, config: Config) -> list[Any]:
+def validation_anomalies(pixels: torch.Tensor, index: int) -> list[Any]:
     """[(x_a normalised (3, S, S), mask (S, S))] of held-out image `index`: a large and a small
     anomaly by the image's validation recipe, from a stream fixed by `index`."""
     kind = VALIDATION_KINDS[index % len(VALIDATION_KINDS)]
-    recipe = dataclasses.replace(config.data.synthesis, kind=kind, probability=1.0)
+    recipe = dataclasses.replace(VALIDATION_SYNTHESIS, kind=kind)
     rng = np.random.default_rng([VALIDATION_SEED, index])
     image = pixels.numpy()
     large = synthesize(image, recipe, rng)
@@ -153,7 +166,7 @@ def _collect(
         made = [
             pair
             for i, p in enumerate(batch["pixels"])
-            for pair in validation_anomalies(p, offset + i, config)
+            for pair in validation_anomalies(p, offset + i)
         ]
         copies = batch["class_id"].repeat_interleave(len(made) // len(batch["class_id"]))
         normal.append(_maps(model, batch["image"], batch["class_id"], config))

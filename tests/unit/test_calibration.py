@@ -321,13 +321,12 @@ def test_a_candidate_must_beat_the_plain_sum_by_the_margin(params_path: Path, he
     assert calibration.image_score == "max"
 
 
-def test_validation_anomalies_are_a_large_and_a_small_copy(params_path: Path) -> None:
-    config = load_config(params_path, "mddnet")
+def test_validation_anomalies_are_a_large_and_a_small_copy() -> None:
     rng = np.random.default_rng(3)
     pixels = torch.from_numpy(rng.uniform(0, 1, (64, 64, 3)).astype(np.float32))
     original = normalize(pixels.numpy())  # (3, 64, 64)
     for index in range(4):  # CutPaste and the noise box, alternating
-        (large, large_mask), (small, small_mask) = validation_anomalies(pixels, index, config)
+        (large, large_mask), (small, small_mask) = validation_anomalies(pixels, index)
         assert large.shape == small.shape == (3, 64, 64)
         rows, cols = np.nonzero(small_mask.numpy())
         side = SMALL_WINDOW * 64  # 16 px: the window the small anomaly lies in
@@ -337,7 +336,7 @@ def test_validation_anomalies_are_a_large_and_a_small_copy(params_path: Path) ->
             outside, inside = mask == 0, mask > 0
             torch.testing.assert_close(image[:, outside], original[:, outside])
             assert not torch.allclose(image[:, inside], original[:, inside])
-        again = validation_anomalies(pixels, index, config)  # a fixed stream per image index
+        again = validation_anomalies(pixels, index)  # a fixed stream per image index
         torch.testing.assert_close(again[1][0], small)
 
 
