@@ -29,10 +29,6 @@ BLOCKS: dict[str, list[tuple[str, str]]] = {
         ("Bottle + tire at 256 px (percent)", "results/bottle_tire_256/tables/ablation.md"),
         ("Scoring maps at 256 px", "results/bottle_tire_256/tables/scoring.md"),
     ],
-    "bottle_tire_384": [
-        ("Bottle + tire at 384 px (percent)", "results/bottle_tire_384/tables/ablation.md"),
-        ("Scoring maps at 384 px", "results/bottle_tire_384/tables/scoring.md"),
-    ],
     "mvtec_ad_mini": [
         ("Ablation on mvtec_ad_mini (percent)", "results/mvtec_ad_mini/tables/ablation.md"),
     ],
@@ -52,7 +48,6 @@ SUMMARY: list[tuple[str, str]] = [
     ("mvtec_ad_mini_256", "15 classes"),
     ("mvtec_ad_bottle", "1 class"),
     ("bottle_tire_256", "2 classes"),
-    ("bottle_tire_384", "2 classes"),
     ("mvtec_ad_mini", "15 classes"),
     ("bottle_tire", "2 classes"),
 ]
