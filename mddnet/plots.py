@@ -354,8 +354,9 @@ def loss_curves(
 
     Each line is a centred moving average over one epoch of steps: per-batch losses are too
     noisy to tell several variants apart. A term that is zero throughout a run (removed in that
-    variant) is not drawn. The legend gives each run's loss plateau (`metrics.loss_plateau`):
-    how much the total loss still changed over the last tenth of the steps.
+    variant) is not drawn; a term zero in every run gets a panel that says so. The legend gives
+    each run's loss plateau (`metrics.loss_plateau`): how much the total loss still changed over
+    the last tenth of the steps.
     """
     logs = {name: _read_losses(Path(path)) for name, path in csv_paths_by_variant.items()}
     colours = dict(zip(logs, sns.color_palette("tab10", len(logs)), strict=True))
@@ -363,9 +364,13 @@ def loss_curves(
         fig = Figure(figsize=(10, 5.5), layout="constrained")
         axes = fig.subplots(2, 3).flat
         for ax, term in zip(axes, LOSS_TERMS, strict=False):
-            for name, frame in logs.items():
-                if not (frame[term] > 0).any():
-                    continue
+            used = {name: frame for name, frame in logs.items() if (frame[term] > 0).any()}
+            if not used:  # e.g. the memory loss of a one-class set: an empty log axis misleads
+                ax.set(title=term, xticks=[], yticks=[])
+                ax.text(0.5, 0.5, "zero in every run shown", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8)  # fmt: skip
+                continue
+            for name, frame in used.items():
                 window = max(1, int(frame.groupby("epoch").size().median()))
                 smooth = frame[term].rolling(window, center=True, min_periods=1).mean()
                 ax.plot(frame["step"], smooth, color=colours[name], lw=1.2, label=name)

@@ -234,6 +234,14 @@ def test_loss_curves_smooth_over_an_epoch_and_skip_terms_a_run_does_not_have(
     ]
 
 
+def test_loss_curves_say_when_a_term_is_zero_in_every_run(tmp_path: Path) -> None:
+    write_losses(tmp_path / "a.csv", memory=0.0)
+    fig = loss_curves({"RD": tmp_path / "a.csv"})
+    memory = next(ax for ax in fig.axes if ax.get_title() == "memory")
+    assert not memory.lines and memory.get_yscale() == "linear"
+    assert [t.get_text() for t in memory.texts] == ["zero in every run shown"]
+
+
 def test_loss_curves_explain_missing_files_and_columns(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="absent.csv: loss log not found"):
         loss_curves({"x": tmp_path / "absent.csv"})
