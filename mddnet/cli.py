@@ -132,6 +132,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mddnet.diagnostics import diagnose_checkpoint
+
+    config = _load(args)
+    table = diagnose_checkpoint(config, args.checkpoint, args.root)
+    if args.out:
+        table.to_csv(args.out, index_label="class")
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.round(4).to_string())
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from mddnet.evaluate import evaluate_checkpoint
     from mddnet.io import write_json
@@ -263,6 +277,23 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         "--out", default=None, help="calibrated checkpoint to write (default: in place)"
     )
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser(
+        "diagnose",
+        parents=[_params_parent("mddnet")],
+        help="why a checkpoint scores as it does, on its held-out training normals",
+        description="Per class, on the normals the run held out and the calibration's synthetic "
+        "anomalies made from them (never test images): the normals' TR discrepancy, how much the "
+        "RI map repeats TR (pixel correlation, inside/normal contrast of each map), and whether "
+        "the memory acts on z (gate, cosine to the nearest prototype). NaN where the model lacks "
+        "the part. The params give the data roots, image size and blur.",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by `mddnet train`")
+    p.add_argument(
+        "--root", action="append", default=None, help="data root (repeatable; default: params)"
+    )
+    p.add_argument("--out", default=None, help="also write the table to this CSV")
+    p.set_defaults(func=_diagnose)
 
     p = sub.add_parser(
         "evaluate",

@@ -1,4 +1,4 @@
-"""The command line a user without notebooks runs: train, evaluate, predict."""
+"""The command line a user without notebooks runs: train, evaluate, predict, diagnose."""
 
 from __future__ import annotations
 
@@ -161,3 +161,22 @@ def test_an_unfinished_checkpoint_is_refused(tiny_checkpoint, tmp_path) -> None:
     torch.save({"format": 1}, tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match="bare.pt: checkpoint lacks 'state_dict'"):
         load_checkpoint(tmp_path / "bare.pt")
+
+
+def test_diagnose_cli_prints_and_writes_one_row_per_class(
+    tiny_checkpoint, tiny_params, tmp_path, capsys
+) -> None:
+    out = tmp_path / "diagnosis.csv"
+    args = ["diagnose", str(tiny_checkpoint), "--params", str(tiny_params), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(r["class"] for r in rows) == load_trained_model(tiny_checkpoint).class_names
+    assert all(r["class"] in printed for r in rows)
+    # the checkpoint held out 2 of each class's 6 training normals (HOLDOUT)
+    assert {r["held_out_normals"] for r in rows} == {"2"}
+    assert all(0.0 <= float(r["gate_normal"]) <= 1.0 for r in rows)
+    assert all(-1.0 <= float(r["r_normals"]) <= 1.0 for r in rows)
+    assert main(["diagnose", str(tmp_path / "none.pt"), "--params", str(tiny_params)]) == 2
+    assert "none.pt: checkpoint not found" in capsys.readouterr().err

@@ -56,7 +56,14 @@ LAYERS: list[set[str]] = [
     {"mddnet.scoring", "mddnet.losses"},
     {"mddnet.checkpoint", "mddnet.reference"},
     {"mddnet.calibration"},
-    {"mddnet.train", "mddnet.evaluate", "mddnet.report", "mddnet.plots", "mddnet.pipeline"},
+    {
+        "mddnet.train",
+        "mddnet.evaluate",
+        "mddnet.diagnostics",
+        "mddnet.report",
+        "mddnet.plots",
+        "mddnet.pipeline",
+    },
     {"mddnet.predict", "mddnet.export", "mddnet.notebook", "mddnet.lanes", "mddnet.cli"},
 ]
 # Extra rules of DESIGN.md beyond the layer order.
