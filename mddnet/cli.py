@@ -136,11 +136,12 @@ def _diagnose(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from mddnet.diagnostics import diagnose_checkpoint
+    from mddnet.io import write_text
 
     config = _load(args)
     table = diagnose_checkpoint(config, args.checkpoint, args.root)
     if args.out:
-        table.to_csv(args.out, index_label="class")
+        write_text(args.out, table.to_csv(index_label="class"))
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.round(4).to_string())
     return 0
