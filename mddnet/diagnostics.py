@@ -164,13 +164,15 @@ def diagnose(model: MDDNet, class_names: Sequence[str], samples: Sequence[Sample
 def _add_maps(sums: dict, c: int, normal: _Pass, anomalous: _Pass, own: Tensor, copy: Tensor,
               masks: Tensor) -> None:  # fmt: skip
     inside = masks[copy]
-    if normal.ri is None:
-        sums[c, "normals"].add(normal.tr[own])
-        sums[c, "inside"].add(anomalous.tr[copy][inside])
-        return
-    sums[c, "normals"].add(normal.tr[own], normal.ri[own])
-    sums[c, "anomalous"].add(anomalous.tr[copy], anomalous.ri[copy])
-    sums[c, "inside"].add(anomalous.tr[copy][inside], anomalous.ri[copy][inside])
+    sums[c, "normals"].add(*_rows(normal, own))  # without RI, Moments pairs TR with itself
+    tr, ri = _rows(anomalous, copy)
+    sums[c, "anomalous"].add(tr, ri)
+    sums[c, "inside"].add(tr[inside], None if ri is None else ri[inside])
+
+
+def _rows(maps: _Pass, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The TR and RI maps of the images `rows` selects; RI None without an identity decoder."""
+    return maps.tr[rows], None if maps.ri is None else maps.ri[rows]
 
 
 def _add_memory(sums: dict, c: int, normal: _Pass, anomalous: _Pass, own: Tensor, copy: Tensor,
