@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,8 +59,12 @@ def test_a_run_fingerprints_both_modes_and_is_reproducible(
     cross_cpu: ModuleType, tmp_path: Path
 ) -> None:
     """Two steps of RD on the generated benchmark, twice: the same fingerprint both times; the
-    two oneDNN modes run (their bytes may or may not differ, which is what the script measures)."""
-    params = ROOT / "params.yaml"
+    two oneDNN modes run (their bytes may or may not differ, which is what the script measures).
+    On a two-class 64 px benchmark, so the four trainings take seconds, not most of a minute."""
+    params = tmp_path / "tiny.yaml"
+    benchmark = {"classes": ["brick", "washer"], "image_size": 64, "train_per_class": 4}
+    data = {"image_size": 64, "benchmark": benchmark}
+    params.write_text(yaml.safe_dump({"extends": str(ROOT / "params.yaml"), "data": data}))
     first = cross_cpu.run(params, ["rd_baseline"], 2, tmp_path / "a")
     again = cross_cpu.run(params, ["rd_baseline"], 2, tmp_path / "b")
     assert set(first["runs"]) == {"onednn_on/rd_baseline", "onednn_off/rd_baseline"}
