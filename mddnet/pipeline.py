@@ -89,9 +89,13 @@ STAGE_MODULES = {
     "ablations": [*_SESSION, "mddnet/metrics.py", "mddnet/report.py"],
     "figures": [*_SESSION, *_DATA, *_SHOWN],
 }
+# The evaluate keys that score a map without the model's fusion.
+_MAP_SCORING_KEYS = [
+    f"evaluate.{k}" for k in ("batch_size", "blur_sigma", "topk", "aupro_fpr_limit")
+]
 # The settings calibration scores validation images with (the model is the checkpoint's).
 _CALIBRATION_KEYS = [
-    *(f"evaluate.{k}" for k in ("batch_size", "blur_sigma", "topk", "aupro_fpr_limit")),
+    *_MAP_SCORING_KEYS,
     *(f"train.{k}" for k in ("device", "channels_last", "precision")),
 ]
 # The params sections each stage reads (the run's variant override comes on top for runs).
@@ -100,7 +104,17 @@ STAGE_SECTIONS = {
     "train": ["cpu", "data", "model", "train", "calibration.holdout"],
     "calibrate": ["cpu", "data", "calibration", *_CALIBRATION_KEYS],
     "evaluate": ["cpu", "data", "model", "train", "evaluate"],
-    "reference": ["cpu", "data", "model", "evaluate", "reference"],
+    # The teacher's weights, its seed (the coreset's draw) and the map scoring, not the fusion or
+    # the trained model's settings: trying a fusion weight leaves the reference row alone.
+    "reference": [
+        "cpu",
+        "data",
+        "seeds",
+        "model.backbone",
+        "model.weights",
+        "reference",
+        *_MAP_SCORING_KEYS,
+    ],
     "main_results": ["data", "model", "report"],
     "ablations": ["data", "model", "report"],
     "figures": ["data", "model", "report", "figures"],

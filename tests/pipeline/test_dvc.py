@@ -113,6 +113,15 @@ def test_the_default_pipeline_has_the_expected_stages() -> None:
     assert list(stages(REPO / "dvc.yaml")) == expected
 
 
+def test_the_reference_stage_depends_on_what_it_reads_and_not_on_the_fusion() -> None:
+    """Trying a fusion weight (the README's `dvc exp run -S`) must not recompute the reference
+    row; changing its seed, teacher or map blur must."""
+    keys = {key for entry in stages(REPO / "dvc.yaml")["reference"]["params"] for key in
+            next(iter(entry.values()))}  # fmt: skip
+    assert {"seeds", "model.weights", "evaluate.blur_sigma", "reference"} <= keys
+    assert not {"model", "evaluate", "evaluate.fusion", "evaluate.image_score"} & keys
+
+
 @pytest.mark.parametrize(
     ("dvc_file", "name"), CASES, ids=[f"{f.parent.name}:{s}" for f, s in CASES]
 )

@@ -207,6 +207,7 @@ def test_readme_try_a_setting_reruns_only_what_depends_on_it(reproduced: Path) -
     run = _dvc(reproduced, "exp", "run", "-S", f"{TRY_A_SETTING}={weight}")
     ran = set(re.findall(r"Running stage '([^']+)'", run.stdout))
     assert ran and not any(name.startswith(("train@", "prepare")) for name in ran), ran
+    assert "reference" not in ran, ran  # the reference row has no fusion
     assert any(name.startswith("evaluate@mddnet") for name in ran), ran
     diff = _dvc(reproduced, "metrics", "diff").stdout
     assert "results/summary/mddnet.json" in diff, diff
