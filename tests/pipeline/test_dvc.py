@@ -116,8 +116,8 @@ def test_the_default_pipeline_has_the_expected_stages() -> None:
 def test_the_reference_stage_depends_on_what_it_reads_and_not_on_the_fusion() -> None:
     """Trying a fusion weight (the README's `dvc exp run -S`) must not recompute the reference
     row; changing its seed, teacher or map blur must."""
-    keys = {key for entry in stages(REPO / "dvc.yaml")["reference"]["params"] for key in
-            next(iter(entry.values()))}  # fmt: skip
+    entries = stages(REPO / "dvc.yaml")["reference"]["params"]  # [{params file: [keys]}]
+    keys = {key for entry in entries for listed in entry.values() for key in listed}
     assert {"seeds", "model.weights", "evaluate.blur_sigma", "reference"} <= keys
     assert not {"model", "evaluate", "evaluate.fusion", "evaluate.image_score"} & keys
 
