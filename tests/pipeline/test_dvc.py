@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def _expand(value: Any, key: str, item: dict[str, Any]) -> Any:
     return value
 
 
+@cache  # read once: 360 parametrised cases read six files
 def stages(dvc_file: Path) -> dict[str, dict[str, Any]]:
     """Every concrete stage of a dvc.yaml, foreach expanded as DVC does (`name@key`)."""
     expanded = {}
@@ -66,6 +68,17 @@ def _command(stage: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
 
 
 CASES = [(f, s) for f in PIPELINE_FILES for s in stages(f)]
+
+
+@cache
+def _declared(notebook: str) -> set[str]:
+    return set(papermill.inspect_notebook(str(REPO / notebook)))
+
+
+@cache
+def _roots(dvc_file: Path) -> set[str]:
+    config = load_params(REPO / _paths_of(dvc_file).params).base
+    return {root.as_posix() for root in config.data.root_paths()}
 
 
 def test_the_committed_pipelines_are_what_the_params_render() -> None:
@@ -130,11 +143,9 @@ def test_every_parameter_is_declared_and_passed_and_every_out_is_passed(
 ) -> None:
     stage = stages(dvc_file)[name]
     notebook, executed, passed = _command(stage)
-    declared = papermill.inspect_notebook(str(REPO / notebook))
-    assert set(passed) == set(declared), f"{name}: -p names != the notebook's parameters"
+    assert set(passed) == _declared(notebook), f"{name}: -p names != the notebook's parameters"
     assert executed.startswith(_paths_of(dvc_file).results + "/notebooks/")
-    config = load_params(REPO / _paths_of(dvc_file).params).base
-    roots = {root.as_posix() for root in config.data.root_paths()}
+    roots = _roots(dvc_file)
     values = set(passed.values())
     for out in (
         _paths(stage.get("outs", []))
