@@ -63,3 +63,15 @@ def test_every_in_page_link_of_the_readme_names_a_heading() -> None:
     links = set(re.findall(r"\]\(#([^)]+)\)", readme))
     assert links, "the README links to its own sections"
     assert links <= headings, f"links to no heading: {sorted(links - headings)}"
+
+
+def test_the_research_log_and_the_readme_link_each_other_by_working_links() -> None:
+    """The dated evidence moved out of the README stays one click away, both ways."""
+    readme = (REPO / "README.md").read_text()
+    log = (REPO / "docs" / "real_data_log.md").read_text()
+    assert "](docs/real_data_log.md)" in readme
+    headings = {_slug(line.lstrip("#")) for line in readme.splitlines() if line.startswith("#")}
+    anchors = set(re.findall(r"\]\(\.\./README\.md#([^)]+)\)", log))
+    assert "real-data-does-mdd-net-beat-its-rd-baseline" in anchors
+    assert anchors <= headings, f"links to no README heading: {sorted(anchors - headings)}"
+    assert not re.findall(r"\]\(#", log), "the log has no headings of its own to link to"
