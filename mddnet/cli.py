@@ -132,6 +132,27 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mddnet.calibration import candidates_table, validate_checkpoint
+    from mddnet.io import write_text
+
+    config = _load(args)
+    calibration = validate_checkpoint(config, args.checkpoint, args.copies)
+    table = candidates_table(calibration)
+    if args.out:
+        write_text(args.out, table.to_csv(index=False))
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.to_string(index=False))
+    chosen = table[table["chosen"]].iloc[0]
+    print(
+        f"validation {chosen['score']:.2f} (the calibrated choice) on {calibration.images} "
+        f"held-out normals with {args.copies} pair(s) of synthetic anomalies each; nothing written"
+    )
+    return 0
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -278,6 +299,24 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         "--out", default=None, help="calibrated checkpoint to write (default: in place)"
     )
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser(
+        "validate",
+        parents=[_params_parent("mddnet")],
+        help="score a checkpoint's calibration candidates on K validation pairs (writes nothing)",
+        description="What `mddnet calibrate` does, on COPIES pairs (a large and a small "
+        "synthetic anomaly) per held-out training normal instead of the pipeline's one, and "
+        "without writing the checkpoint: prints every candidate's validation I-AUROC, P-AUROC, "
+        "AUPRO and their mean (score), and marks the choice. Pair 1 is the pipeline's own, so "
+        "--copies 1 repeats the stored calibration. Use it to judge screens on sets with few "
+        "held-out normals per class (README, research log).",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by `mddnet train`")
+    p.add_argument(
+        "--copies", type=int, default=8, help="validation pairs per held-out normal (default 8)"
+    )
+    p.add_argument("--out", default=None, help="also write the candidates to this CSV")
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser(
         "diagnose",

@@ -163,6 +163,26 @@ def test_an_unfinished_checkpoint_is_refused(tiny_checkpoint, tmp_path) -> None:
         load_checkpoint(tmp_path / "bare.pt")
 
 
+def test_validate_cli_repeats_the_stored_calibration_on_one_copy_and_writes_nothing(
+    tiny_checkpoint, tiny_params, tmp_path, capsys
+) -> None:
+    before = tiny_checkpoint.read_bytes()
+    stored = load_trained_model(tiny_checkpoint).calibration.candidates
+    scores = {}
+    for copies in (1, 2):
+        out = tmp_path / f"candidates-{copies}.csv"
+        args = ["validate", str(tiny_checkpoint), "--params", str(tiny_params)]
+        assert main([*args, "--copies", str(copies), "--out", str(out)]) == 0
+        assert f"with {copies} pair(s) of synthetic anomalies each; nothing written" in (
+            capsys.readouterr().out
+        )
+        with out.open() as handle:
+            scores[copies] = [float(row["score"]) for row in csv.DictReader(handle)]
+    assert scores[1] == [round(100 * c["score"], 2) for c in stored]
+    assert len(scores[2]) == len(stored) and scores[2] != scores[1]
+    assert tiny_checkpoint.read_bytes() == before
+
+
 def test_diagnose_cli_prints_and_writes_one_row_per_class(
     tiny_checkpoint, tiny_params, tmp_path, capsys
 ) -> None:

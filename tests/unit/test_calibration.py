@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from mddnet.calibration import (
     SMALL_WINDOW,
+    _collect,
     calibrate,
     candidates_table,
     held_out_samples,
@@ -338,6 +339,55 @@ def test_validation_anomalies_are_a_large_and_a_small_copy() -> None:
             assert not torch.allclose(image[:, inside], original[:, inside])
         again = validation_anomalies(pixels, index)  # a fixed stream per image index
         torch.testing.assert_close(again[1][0], small)
+
+
+def test_more_validation_copies_keep_the_first_pair_and_add_pairs_of_their_own() -> None:
+    rng = np.random.default_rng(5)
+    pixels = torch.from_numpy(rng.uniform(0, 1, (48, 48, 3)).astype(np.float32))
+    for index in range(2):  # both recipes
+        one, three = validation_anomalies(pixels, index), validation_anomalies(pixels, index, 3)
+        assert len(one) == 2 and len(three) == 6
+        for (image, mask), (same_image, same_mask) in zip(one, three[:2], strict=True):
+            torch.testing.assert_close(same_image, image)  # the pipeline's pair comes first
+            torch.testing.assert_close(same_mask, mask)
+        large_masks = [mask for _, mask in three[0::2]]
+        assert not any(torch.equal(large_masks[0], other) for other in large_masks[1:])
+        again = validation_anomalies(pixels, index, 3)
+        for (image, _), (same_image, _) in zip(three, again, strict=True):
+            torch.testing.assert_close(same_image, image)
+
+
+@pytest.mark.slow
+def test_the_validation_set_holds_every_copy_in_order(params_path: Path, held_out) -> None:
+    """Six normals, batches of two: two copies make 8 anomalies a batch, scored in two passes
+    of 4 (the pass one copy makes); the first pair of each image is the one-copy set's."""
+    config = load_config(
+        params_path,
+        "mddnet",
+        overrides={
+            "model": {"weights": "none"},
+            "data": {"image_size": SIZE},
+            "train": {"channels_last": False},
+            "evaluate": {"batch_size": 2},
+        },
+    )
+    torch.manual_seed(0)
+    model = build_model(config.model, len(CLASSES)).eval()
+    one = _collect(model, config, CLASSES, held_out, 1)
+    two = _collect(model, config, CLASSES, held_out, 2)
+    normals = len(held_out)
+    assert (one.normals, two.normals) == (normals, normals)
+    assert two.labels.tolist() == [0] * normals + [1] * 4 * normals
+    ids = [CLASSES.index(s.class_name) for s in held_out]
+    assert two.class_ids.tolist() == ids + [i for i in ids for _ in range(4)]
+    first_pairs = torch.tensor([4 * i + k for i in range(normals) for k in (0, 1)]) + normals
+    ones = torch.arange(normals, 3 * normals)
+    torch.testing.assert_close(two.masks[first_pairs], one.masks[ones])
+    for many, few in zip(two.maps, one.maps, strict=True):
+        torch.testing.assert_close(many[:normals], few[:normals])
+        torch.testing.assert_close(many[first_pairs], few[ones])
+    with pytest.raises(MddnetError, match="copies: 0 validation pairs"):
+        calibrate(model, config, CLASSES, held_out, copies=0)
 
 
 def test_held_out_samples_are_the_recorded_ones(held_out) -> None:
