@@ -57,6 +57,17 @@ def _config(params_path: Path, **evaluate: object) -> Config:
     return load_config(params_path, "mddnet", overrides={"evaluate": evaluate})
 
 
+def _untrained(
+    params_path: Path, variant: str = "mddnet", **sections: dict
+) -> tuple[Config, torch.nn.Module]:
+    """A variant's config at SIZE px with `sections` overridden, and its untrained model (no
+    teacher weights: every number is checked against a recompute, not a value)."""
+    overrides = {"model": {"weights": "none"}, "data": {"image_size": SIZE}, **sections}
+    config = load_config(params_path, variant, overrides=overrides)
+    torch.manual_seed(0)
+    return config, build_model(config.model, len(CLASSES)).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Scorer.of: `validated` and `normalise` resolved against the calibration
 
@@ -220,24 +231,17 @@ def held_out(tmp_path_factory) -> list:
 def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_out) -> None:
     """An untrained model at 32 px: every number is checked against an independent recompute
     (the integration tests check the same on a trained checkpoint)."""
-    config = load_config(
+    config, model = _untrained(
         params_path,
-        "mddnet",
-        overrides={
-            "model": {"weights": "none"},
-            "data": {"image_size": SIZE},
-            "train": {"channels_last": False},
-            "evaluate": {"batch_size": 6},  # one batch: one input shape keeps it fast
-            "calibration": {
-                "scale_weights": [[1, 1, 1], [0, 1, 1]],
-                "restoration_identity": [0.0, 1.0],
-                "image_score": ["max", "topk_mean"],
-                "margin": 0.0,
-            },
+        train={"channels_last": False},
+        evaluate={"batch_size": 6},  # one batch: one input shape keeps it fast
+        calibration={
+            "scale_weights": [[1, 1, 1], [0, 1, 1]],
+            "restoration_identity": [0.0, 1.0],
+            "image_score": ["max", "topk_mean"],
+            "margin": 0.0,
         },
     )
-    torch.manual_seed(0)
-    model = build_model(config.model, len(CLASSES)).eval()
     calibration = calibrate(model, config, CLASSES, held_out)
 
     assert calibration.images == 6 and len(calibration.thresholds) == 2
@@ -289,17 +293,9 @@ def test_calibration_thresholds_statistics_and_choice(params_path: Path, held_ou
 def test_calibration_without_identity_decoder_tries_only_the_teacher_map(
     params_path: Path, held_out
 ) -> None:
-    config = load_config(
-        params_path,
-        "restoration_only",
-        overrides={
-            "model": {"weights": "none"},
-            "data": {"image_size": SIZE},
-            "calibration": {"image_score": ["max"]},
-        },
+    config, model = _untrained(
+        params_path, "restoration_only", calibration={"image_score": ["max"]}
     )
-    torch.manual_seed(0)
-    model = build_model(config.model, len(CLASSES)).eval()
     calibration = calibrate(model, config, CLASSES, held_out)
     assert [c["restoration_identity"] for c in calibration.candidates] == [0.0] * 4
     assert set(calibration.statistics) == {"teacher_restoration"}
@@ -307,15 +303,11 @@ def test_calibration_without_identity_decoder_tries_only_the_teacher_map(
 
 @pytest.mark.slow
 def test_a_candidate_must_beat_the_plain_sum_by_the_margin(params_path: Path, held_out) -> None:
-    overrides = {
-        "model": {"weights": "none"},
-        "data": {"image_size": SIZE},
-        "evaluate": {"batch_size": 6},
-        "calibration": {"restoration_identity": [0.0, 1.0], "margin": 1.0},
-    }
-    config = load_config(params_path, "mddnet", overrides=overrides)
-    torch.manual_seed(0)
-    model = build_model(config.model, len(CLASSES)).eval()
+    config, model = _untrained(
+        params_path,
+        evaluate={"batch_size": 6},
+        calibration={"restoration_identity": [0.0, 1.0], "margin": 1.0},
+    )
     calibration = calibrate(model, config, CLASSES, held_out)
     # no score can exceed another by a whole unit: the paper's plain sum stays
     assert (calibration.normalise, calibration.restoration_identity) == (False, 1.0)
@@ -361,18 +353,9 @@ def test_more_validation_copies_keep_the_first_pair_and_add_pairs_of_their_own()
 def test_the_validation_set_holds_every_copy_in_order(params_path: Path, held_out) -> None:
     """Six normals, batches of two: two copies make 8 anomalies a batch, scored in two passes
     of 4 (the pass one copy makes); the first pair of each image is the one-copy set's."""
-    config = load_config(
-        params_path,
-        "mddnet",
-        overrides={
-            "model": {"weights": "none"},
-            "data": {"image_size": SIZE},
-            "train": {"channels_last": False},
-            "evaluate": {"batch_size": 2},
-        },
+    config, model = _untrained(
+        params_path, train={"channels_last": False}, evaluate={"batch_size": 2}
     )
-    torch.manual_seed(0)
-    model = build_model(config.model, len(CLASSES)).eval()
     one = _collect(model, config, CLASSES, held_out, 1)
     two = _collect(model, config, CLASSES, held_out, 2)
     normals = len(held_out)
