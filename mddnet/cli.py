@@ -307,7 +307,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         description="What `mddnet calibrate` does, on COPIES pairs (a large and a small "
         "synthetic anomaly) per held-out training normal instead of the pipeline's one, and "
         "without writing the checkpoint: prints every candidate's validation I-AUROC, P-AUROC, "
-        "AUPRO and their mean (score), and marks the choice. Pair 1 is the pipeline's own, so "
+        "AUPRO and their mean (score), and marks the choice. The first pair is the pipeline's, so "
         "--copies 1 repeats the stored calibration. Use it to judge screens on sets with few "
         "held-out normals per class (README, research log).",
     )
