@@ -284,6 +284,7 @@ class _Recorder:
     ) -> None:
         self.root, self.before, self.deps, self.echo = root, before, deps, echo
         self.changed = False
+        self.uncommitted: list[str] = []  # ran, but `dvc commit` failed (e.g. DVC's lock held)
         self._lock = threading.Lock()
 
     def __call__(self, job: Job) -> None:
@@ -292,7 +293,12 @@ class _Recorder:
             if self.changed:
                 self.echo(f"not recorded: {job.stage} (a dependency changed during the run)")
                 return
-            _dvc("commit", "--force", job.address, root=self.root)
+            try:
+                _dvc("commit", "--force", job.address, root=self.root)
+            except subprocess.CalledProcessError:
+                self.uncommitted.append(job.address)
+                self.echo(f"not recorded: {job.stage} (dvc commit failed: see DVC's message)")
+                return
             self.echo(f"{time.strftime('%H:%M:%S')} recorded {job.stage} in dvc.lock")
 
 
@@ -316,6 +322,12 @@ def _run_family(
             f"a dependency of the {family} stages (code, notebook, params, data or an upstream "
             "output) changed while they ran, so none that finished after the change is "
             "recorded: run `mddnet repro` again on an unchanged tree"
+        )
+    if record.uncommitted:
+        raise MddnetError(
+            f"{len(record.uncommitted)} {family} stage(s) ran but `dvc commit` failed: "
+            f"{', '.join(record.uncommitted)}. Another DVC command (a `dvc status` too) may have "
+            "held DVC's lock: run `mddnet repro` again while no other DVC command runs"
         )
     if failed:
         raise MddnetError(

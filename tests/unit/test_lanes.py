@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mddnet import lanes
 from mddnet.errors import MddnetError
 from mddnet.lanes import (
     Job,
@@ -274,6 +275,29 @@ def test_a_failed_training_is_named_and_the_others_are_recorded(tmp_path, params
     # nothing downstream ran: the evaluations wait for every training
     runs = ("rd_baseline-s0", "rd_baseline-s1", "mddnet-s0")
     assert set(_stale(root)) == {"train@mddnet-s0", "tables"} | {f"evaluate@{r}" for r in runs}
+
+
+@pytest.mark.slow
+def test_a_failed_dvc_commit_is_named_and_the_others_are_recorded(
+    tmp_path, params_path, monkeypatch
+) -> None:
+    """`dvc commit` fails when another DVC command holds the repository's lock."""
+    root = _dvc_repo(tmp_path, params_path, TRAIN)
+    commit = lanes._dvc
+
+    def locked_for_one(*args: str, root: Path) -> None:
+        if args[-1].endswith("train@mddnet-s0"):
+            raise subprocess.CalledProcessError(1, ["dvc", *args])
+        commit(*args, root=root)
+
+    monkeypatch.setattr(lanes, "_dvc", locked_for_one)
+    lines: list[str] = []
+    with pytest.raises(MddnetError, match=r"1 train stage\(s\) ran but `dvc commit` failed: "):
+        repro(root, PipelinePaths(), lanes=2, echo=lines.append)
+    assert "not recorded: train@mddnet-s0 (dvc commit failed: see DVC's message)" in lines
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert {"train@rd_baseline-s0", "train@rd_baseline-s1"} <= set(lock)
+    assert "train@mddnet-s0" not in lock
 
 
 @pytest.mark.slow
